@@ -46,9 +46,7 @@ def make_predictions(
             "predicted_label": np.asarray(predicted_labels).astype(str),
         }
     )
-    probs = pd.DataFrame(
-        proba.to_numpy(), columns=[PROBA_PREFIX + str(c) for c in proba.columns]
-    )
+    probs = pd.DataFrame(proba.to_numpy(), columns=[PROBA_PREFIX + str(c) for c in proba.columns])
     return pd.concat([out, probs], axis=1)
 
 
@@ -74,13 +72,17 @@ def validate_predictions(df: pd.DataFrame, path: str | os.PathLike | None = None
     if df["cell_id"].duplicated().any():
         dup = df.loc[df["cell_id"].duplicated(), "cell_id"].iloc[0]
         raise InputError(
-            f"cell id '{dup}' appears more than once", file=where, field="cell_id",
+            f"cell id '{dup}' appears more than once",
+            file=where,
+            field="cell_id",
             fix="write one row per test cell",
         )
     p = df[pcols].to_numpy(dtype=float)
     if not np.all(np.isfinite(p)) or (p < -1e-6).any():
         raise InputError(
-            "probabilities must be finite and non-negative", file=where, field=PROBA_PREFIX + "*",
+            "probabilities must be finite and non-negative",
+            file=where,
+            field=PROBA_PREFIX + "*",
             fix="write softmax outputs, not logits",
         )
     sums = p.sum(axis=1)
@@ -88,14 +90,18 @@ def validate_predictions(df: pd.DataFrame, path: str | os.PathLike | None = None
         bad = int(np.argmax(np.abs(sums - 1.0)))
         raise InputError(
             f"probabilities of cell '{df['cell_id'].iloc[bad]}' sum to {sums[bad]:.4f}, not 1",
-            file=where, field=PROBA_PREFIX + "*", fix="normalise each row to sum to 1",
+            file=where,
+            field=PROBA_PREFIX + "*",
+            fix="normalise each row to sum to 1",
         )
     known = set(classes_of(df))
     unknown = sorted(set(df["predicted_label"].astype(str)) - known)
     if unknown:
         raise InputError(
-            f"predicted labels {unknown[:5]} have no probability column", file=where,
-            field="predicted_label", fix="predict only classes that have a 'proba:<class>' column",
+            f"predicted labels {unknown[:5]} have no probability column",
+            file=where,
+            field="predicted_label",
+            fix="predict only classes that have a 'proba:<class>' column",
         )
     return df
 
@@ -116,6 +122,8 @@ def read_predictions(path: str | os.PathLike) -> pd.DataFrame:
         df = pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several types for corrupt files
         raise InputError(
-            f"cannot read predictions parquet: {exc}", file=str(path), fix="rerun the training rule that writes it"
+            f"cannot read predictions parquet: {exc}",
+            file=str(path),
+            fix="rerun the training rule that writes it",
         ) from exc
     return validate_predictions(df, path)

@@ -33,7 +33,11 @@ def read_h5ad(path: str | os.PathLike) -> ad.AnnData:
     """Read an h5ad; a missing, corrupt or truncated file raises InputError naming it."""
     path = Path(path)
     if not path.exists():
-        raise InputError("file does not exist", file=str(path), fix="check the path or rerun the rule that makes it")
+        raise InputError(
+            "file does not exist",
+            file=str(path),
+            fix="check the path or rerun the rule that makes it",
+        )
     try:
         return ad.read_h5ad(path)
     except Exception as exc:

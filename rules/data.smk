@@ -1,0 +1,13 @@
+rule fetch:
+    output:
+        "data/raw/{dataset}.h5ad",
+    params:
+        source=lambda w: BENCH.datasets[w.dataset]["source"],
+    log:
+        "logs/fetch/{dataset}.log",
+    benchmark:
+        "results/benchmarks/fetch/{dataset}.tsv"
+    conda:
+        "../envs/bench.yaml"
+    script:
+        "../scripts/fetch.py"

@@ -1,0 +1,16 @@
+"""Snakemake entry: results/tables/*.csv from every run's scores."""
+
+from celltype_bench.steps import aggregate, run_logged
+
+sm = snakemake  # noqa: F821  (injected by Snakemake)
+run_logged(
+    sm.log[0],
+    aggregate,
+    score_paths=list(sm.input.scores),
+    runs=list(sm.params.runs),
+    methods=dict(sm.params.methods),
+    out_scores=sm.output.scores,
+    out_per_class=sm.output.per_class,
+    out_summary=sm.output.summary,
+    out_runtime=sm.output.runtime,
+)

@@ -1,0 +1,19 @@
+"""Snakemake entry: one method on one replicate -> predictions.parquet, run.json, model/."""
+
+from celltype_bench.steps import run_logged, train_run
+
+sm = snakemake  # noqa: F821  (injected by Snakemake)
+run_logged(
+    sm.log[0],
+    train_run,
+    data=sm.input.data,
+    split=sm.input.split,
+    replicate=sm.wildcards.replicate,
+    method=dict(sm.params.method),
+    balancing=sm.wildcards.balancing,
+    seed=sm.params.seed,
+    out_predictions=sm.output.predictions,
+    out_run=sm.output.run,
+    out_model=sm.output.model,
+    threads=sm.threads,
+)

@@ -1,0 +1,399 @@
+"""The method interface every annotation method implements.
+
+Input convention: ``AnnData`` whose ``.X`` is log1p(CP10k) as scipy CSR float32, labels in
+``obs[label_key]``; training, validation and test share ``var_names``.
+
+A saved method is a directory holding ``method.json`` (name, params, classes_, var_names,
+small state) plus the weights in the method's own format (``model.pt`` state dict for torch
+models, loaded with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from .. import __version__
+from ..errors import InputError
+from ..io import write_json
+from ..training import as_csr, choose_device, get_logger, predict_proba_torch
+
+METHOD_JSON = "method.json"
+TORCH_WEIGHTS = "model.pt"
+FORMAT_VERSION = 1
+
+# Parameters that must be strictly positive / non-negative when present.
+_POSITIVE = {"epochs", "batch_size", "batch_number", "top_genes", "patience", "lr", "alpha"}
+_NON_NEGATIVE = {"weight_decay", "grad_clip"}
+
+
+def _check_param(method: str, key: str, value: Any, default: Any, nullable: bool) -> Any:
+    """Check one parameter's type against its default's, coercing int -> float where safe."""
+    if value is None:
+        if default is None or nullable:
+            return None
+        raise InputError(
+            f"parameter '{key}' of method '{method}' must not be null",
+            field=key,
+            fix=f"give a value like the default ({default!r}) or leave it out",
+        )
+    if default is None:
+        checked = value
+    elif isinstance(default, bool):
+        if not isinstance(value, bool | np.bool_):
+            raise InputError(
+                f"parameter '{key}' of method '{method}' must be true or false, got {value!r}",
+                field=key,
+                fix="write true or false",
+            )
+        checked = bool(value)
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise InputError(
+                f"parameter '{key}' of method '{method}' must be an integer, got {value!r}",
+                field=key,
+                fix=f"write a whole number like the default ({default})",
+            )
+        checked = int(value)
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+            raise InputError(
+                f"parameter '{key}' of method '{method}' must be a number, got {value!r}",
+                field=key,
+                fix=f"write a number like the default ({default})",
+            )
+        checked = float(value)
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise InputError(
+                f"parameter '{key}' of method '{method}' must be a string, got {value!r}",
+                field=key,
+                fix=f"write a string like the default ('{default}')",
+            )
+        checked = value
+    else:
+        checked = value
+    if key in _POSITIVE and isinstance(checked, int | float) and checked <= 0:
+        raise InputError(
+            f"parameter '{key}' of method '{method}' must be > 0, got {checked}", field=key
+        )
+    if key in _NON_NEGATIVE and isinstance(checked, int | float) and checked < 0:
+        raise InputError(
+            f"parameter '{key}' of method '{method}' must be >= 0, got {checked}", field=key
+        )
+    return checked
+
+
+def read_labels(adata: ad.AnnData, label_key: str, role: str) -> np.ndarray:
+    """Labels of ``adata.obs[label_key]`` as a string array; InputError if missing or empty."""
+    if adata.n_obs == 0:
+        raise InputError(f"the {role} data has no cells", field="obs", fix="check the split")
+    if label_key not in adata.obs.columns:
+        cols = ", ".join(map(str, list(adata.obs.columns)[:12])) or "none"
+        raise InputError(
+            f"the {role} data has no label column '{label_key}'",
+            field=label_key,
+            fix=f"set label_key to one of the obs columns ({cols}) or add obs['{label_key}']",
+        )
+    s = adata.obs[label_key]
+    bad = s.isna().to_numpy() | s.astype(str).str.strip().eq("").to_numpy()
+    if bad.any():
+        first = adata.obs_names[np.flatnonzero(bad)[0]]
+        raise InputError(
+            f"{int(bad.sum())} {role} cells have a missing (NaN) or empty label, "
+            f"e.g. cell '{first}'",
+            field=label_key,
+            fix="drop unlabeled cells from the training and validation sets, or fill their labels",
+        )
+    return s.astype(str).to_numpy()
+
+
+def _check_var_names(expected: list[str], adata: ad.AnnData, role: str) -> None:
+    got = [str(v) for v in adata.var_names]
+    if got == expected:
+        return
+    exp_set, got_set = set(expected), set(got)
+    if exp_set == got_set:
+        detail = "the same genes in a different order"
+    else:
+        missing, extra = exp_set - got_set, got_set - exp_set
+        detail = (
+            f"{len(missing)} training genes missing (e.g. {sorted(missing)[:3]}), "
+            f"{len(extra)} extra genes (e.g. {sorted(extra)[:3]})"
+        )
+    raise InputError(
+        f"the {role} data's genes differ from the training genes: {detail}",
+        field="var_names",
+        fix="align genes to the training data, e.g. adata = adata[:, train.var_names] "
+        "(the preprocess step aligns all splits of a dataset)",
+    )
+
+
+class Method(abc.ABC):
+    """Base class of all annotation methods.
+
+    Subclasses set ``default_params`` (every accepted parameter with its default) and
+    implement ``_fit(X, y, X_valid, y_valid)`` (CSR matrices, integer codes into ``classes_``)
+    and ``_predict_proba(X) -> ndarray``; optionally ``_state``/``_set_state`` (small
+    JSON-able state) and ``_save_weights``/``_load_weights``.
+    """
+
+    name: ClassVar[str] = "method"
+    uses_unlabeled: ClassVar[bool] = False
+    is_control: ClassVar[bool] = False
+    default_params: ClassVar[dict[str, Any]] = {}
+    nullable_params: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, **params: Any) -> None:
+        self.params: dict[str, Any] = type(self).check_params(params)
+        self.classes_: list[str] = []
+        self.var_names_: list[str] = []
+        self.label_key: str = "cell_type"
+        self.history_: list[dict[str, Any]] = []
+        self.logger = get_logger()
+        self._fitted = False
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any], where: str | None = None) -> dict[str, Any]:
+        """All parameters with defaults filled in; InputError for unknown or mistyped ones."""
+        accepted = cls.default_params
+        try:
+            for key in params:
+                if key not in accepted:
+                    raise InputError(
+                        f"unknown parameter '{key}' for method '{cls.name}'",
+                        field=key,
+                        fix="accepted parameters: " + (", ".join(sorted(accepted)) or "none"),
+                    )
+            return {
+                k: _check_param(cls.name, k, params.get(k, d), d, k in cls.nullable_params)
+                for k, d in accepted.items()
+            }
+        except InputError as exc:
+            if where is None:
+                raise
+            raise InputError(exc.problem, file=where, field=exc.field, fix=exc.fix) from None
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{type(self).__name__}({args})"
+
+    # ------------------------------------------------------------------ public API
+    def fit(
+        self, train: ad.AnnData, valid: ad.AnnData | None = None, label_key: str = "cell_type"
+    ) -> Self:
+        """Fit on ``train`` (labels in ``obs[label_key]``); ``valid`` serves model selection."""
+        labels = read_labels(train, label_key, "training")
+        var_names = [str(v) for v in train.var_names]
+        if len(set(var_names)) != len(var_names):
+            raise InputError(
+                "the training data has duplicate gene names",
+                field="var_names",
+                fix="make var_names unique (the preprocess step does this)",
+            )
+        classes = sorted(set(labels.tolist()))
+        if len(classes) < 2:
+            raise InputError(
+                f"the training data has only {len(classes)} class ({classes})",
+                field=label_key,
+                fix="train on at least 2 classes (check the split and the label column)",
+            )
+        self.label_key = label_key
+        self.classes_ = classes
+        self.var_names_ = var_names
+        code = {c: i for i, c in enumerate(self.classes_)}
+        y = np.array([code[c] for c in labels], dtype=np.int64)
+        X_valid = y_valid = None
+        if valid is not None:
+            _check_var_names(self.var_names_, valid, "validation")
+            v_labels = read_labels(valid, label_key, "validation")
+            known = np.array([c in code for c in v_labels], dtype=bool)
+            if not known.all():
+                unseen = sorted(set(v_labels[~known].tolist()))
+                self.logger.warning(
+                    "%s: %d validation cells of %d classes unseen in training are ignored for "
+                    "model selection: %s",
+                    self.name,
+                    int((~known).sum()),
+                    len(unseen),
+                    unseen[:5],
+                )
+            if known.any():
+                X_valid = as_csr(valid.X)[np.flatnonzero(known)]
+                y_valid = np.array([code[c] for c in v_labels[known]], dtype=np.int64)
+        self.logger.info(
+            "%s: fitting on %d cells, %d genes, %d classes%s",
+            self.name,
+            train.n_obs,
+            train.n_vars,
+            len(self.classes_),
+            "" if y_valid is None else f", validating on {len(y_valid)} cells",
+        )
+        self._fit(as_csr(train.X), y, X_valid, y_valid)
+        self._fitted = True
+        return self
+
+    def predict_proba(self, test: ad.AnnData) -> pd.DataFrame:
+        """Class probabilities: index = test.obs_names, columns = classes_, rows sum to 1."""
+        self._require_fitted()
+        _check_var_names(self.var_names_, test, "test")
+        proba = np.asarray(self._predict_proba(as_csr(test.X)), dtype=np.float64)
+        if proba.shape != (test.n_obs, len(self.classes_)):
+            raise RuntimeError(
+                f"{self.name} returned probabilities of shape {proba.shape}, "
+                f"expected {(test.n_obs, len(self.classes_))}"
+            )
+        proba = np.clip(proba, 0.0, None)
+        sums = proba.sum(axis=1, keepdims=True)
+        proba = np.divide(
+            proba, sums, out=np.full_like(proba, 1.0 / proba.shape[1]), where=sums > 0
+        )
+        return pd.DataFrame(proba, index=pd.Index(test.obs_names), columns=list(self.classes_))
+
+    def predict(self, test: ad.AnnData) -> np.ndarray:
+        """Predicted label per test cell (the most probable class)."""
+        proba = self.predict_proba(test)
+        return np.asarray(self.classes_, dtype=object)[np.argmax(proba.to_numpy(), axis=1)]
+
+    def save(self, path: str | Path) -> None:
+        """Save to a directory: weights first, then ``method.json`` (its presence = complete)."""
+        self._require_fitted()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self._save_weights(path)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "celltype_bench_version": __version__,
+            "name": self.name,
+            "params": self.params,
+            "classes_": list(self.classes_),
+            "var_names": list(self.var_names_),
+            "label_key": self.label_key,
+            "state": self._state(),
+            "history": self.history_,
+        }
+        write_json(meta, path / METHOD_JSON)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Method:
+        """Load a method saved by ``save``; ``Method.load`` dispatches on the saved name."""
+        path = Path(path)
+        meta_path = path / METHOD_JSON
+        if not meta_path.exists():
+            raise InputError(
+                "no saved method here",
+                file=str(meta_path),
+                fix="point to a directory written by Method.save (rerun training)",
+            )
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(
+                f"cannot read method.json ({exc})", file=str(meta_path), fix="rerun training"
+            ) from exc
+        from .registry import get
+
+        klass = get(meta["name"]) if cls is Method else cls
+        if klass.name != meta["name"]:
+            raise InputError(
+                f"saved method is '{meta['name']}', not '{klass.name}'",
+                file=str(meta_path),
+                field="name",
+                fix="load it with Method.load(path)",
+            )
+        obj = klass(**meta["params"])
+        obj.classes_ = [str(c) for c in meta["classes_"]]
+        obj.var_names_ = [str(v) for v in meta["var_names"]]
+        obj.label_key = meta.get("label_key", "cell_type")
+        obj.history_ = meta.get("history", [])
+        obj._set_state(meta.get("state") or {})
+        obj._load_weights(path)
+        obj._fitted = True
+        return obj
+
+    # ------------------------------------------------------------------ hooks
+    @abc.abstractmethod
+    def _fit(
+        self,
+        X: sp.csr_matrix,
+        y: np.ndarray,
+        X_valid: sp.csr_matrix | None,
+        y_valid: np.ndarray | None,
+    ) -> None:
+        """Fit on CSR ``X`` and integer codes ``y`` into ``classes_`` (validation optional)."""
+
+    @abc.abstractmethod
+    def _predict_proba(self, X: sp.csr_matrix) -> np.ndarray:
+        """Probabilities, shape (cells, classes_)."""
+
+    def _state(self) -> dict[str, Any]:
+        return {}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        return None
+
+    def _save_weights(self, path: Path) -> None:
+        return None
+
+    def _load_weights(self, path: Path) -> None:
+        return None
+
+    def _require_fitted(self) -> None:
+        if not self._fitted:
+            raise InputError(
+                f"method '{self.name}' is not fitted",
+                fix="call fit(train) first, or Method.load(path) a saved one",
+            )
+
+
+class TorchMethod(Method):
+    """A method backed by a torch ``nn.Module`` built by ``_build_module``."""
+
+    predict_batch_size: ClassVar[int] = 4096
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.module_: nn.Module | None = None
+
+    @abc.abstractmethod
+    def _build_module(self, n_genes: int, n_classes: int) -> nn.Module:
+        """The torch module for ``n_genes`` inputs and ``n_classes`` outputs."""
+
+    @property
+    def device(self) -> torch.device:
+        """The torch device chosen from the ``device`` parameter."""
+        return choose_device(self.params.get("device", "auto"))
+
+    def _predict_proba(self, X: sp.csr_matrix) -> np.ndarray:
+        assert self.module_ is not None
+        return predict_proba_torch(
+            self.module_, X, batch_size=self.predict_batch_size, device=self.device
+        )
+
+    def _save_weights(self, path: Path) -> None:
+        assert self.module_ is not None
+        state = {k: v.detach().cpu() for k, v in self.module_.state_dict().items()}
+        tmp = path / (TORCH_WEIGHTS + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path / TORCH_WEIGHTS)
+
+    def _load_weights(self, path: Path) -> None:
+        file = path / TORCH_WEIGHTS
+        if not file.exists():
+            raise InputError(
+                "saved torch weights are missing", file=str(file), fix="rerun training"
+            )
+        module = self._build_module(len(self.var_names_), len(self.classes_))
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        module.load_state_dict(state)
+        module.eval()
+        self.module_ = module

@@ -1,0 +1,379 @@
+"""One function per DAG step: files in, files out. `scripts/` call these; tests call them too."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import io
+from .contract import make_predictions, read_predictions, write_predictions
+from .errors import InputError
+
+LOGGER_NAME = "celltype_bench"
+
+
+def setup_logging(log_path: str | None) -> logging.Logger:
+    """Send the package logger (and warnings) to a rule's log file, one line per event."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(logging.INFO)
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+    handler: logging.Handler
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_path, mode="w")
+    else:
+        handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").addHandler(handler)
+    return logger
+
+
+# ---- data --------------------------------------------------------------------------------
+def fetch_dataset(source: dict[str, Any], out: str) -> None:
+    """Produce data/raw/{dataset}.h5ad from a source spec (kind + parameters)."""
+    from .data.sources import load_source, validate_raw
+
+    log = logging.getLogger(LOGGER_NAME)
+    spec = dict(source)
+    kind = spec.pop("kind")
+    log.info("fetching source %s with %s", kind, spec)
+    adata = load_source(kind, **spec)
+    validate_raw(adata, path=out)
+    log.info(
+        "raw dataset: %d cells x %d genes, %d labels",
+        adata.n_obs,
+        adata.n_vars,
+        adata.obs["cell_type"].nunique(),
+    )
+    io.write_h5ad(adata, out)
+
+
+def preprocess_dataset(
+    raw: str,
+    out: str,
+    *,
+    label_map: dict[str, str] | None = None,
+    label_key: str = "cell_type",
+    min_genes: int = 10,
+) -> None:
+    """Counts layer, log1p(CP10k) X, labels checked against the pinned Cell Ontology."""
+    from .data.preprocess import preprocess
+    from .ontology import load_ontology, map_labels
+
+    log = logging.getLogger(LOGGER_NAME)
+    adata = io.read_h5ad(raw)
+    if label_key not in adata.obs:
+        raise InputError(
+            f"no label column '{label_key}' in obs (columns: {list(adata.obs.columns)})",
+            file=raw,
+            field=label_key,
+            fix="set datasets.<name>.label_key in the config to the column holding author labels",
+        )
+    if label_key != "cell_type":
+        adata.obs["cell_type"] = adata.obs[label_key]
+    adata = preprocess(adata, min_genes=min_genes, source=raw)
+    onto = load_ontology()
+    mapping = dict(label_map or {})
+    if "cell_type_ontology_term_id" in adata.obs:
+        pairs = adata.obs[["cell_type", "cell_type_ontology_term_id"]].astype(str).drop_duplicates()
+        for lab, cl in pairs.itertuples(index=False):
+            if cl and cl.lower() not in ("nan", "unknown", "") and lab not in mapping:
+                mapping[lab] = cl
+    label_to_cl = map_labels(
+        adata.obs["cell_type"].astype(str).unique(), mapping=mapping, ontology=onto, source=raw
+    )
+    adata.obs["cell_type_ontology_term_id"] = (
+        adata.obs["cell_type"].astype(str).map(label_to_cl).astype("category")
+    )
+    adata.uns["cl_version"] = onto.version
+    log.info(
+        "processed: %d cells x %d genes; %d labels mapped to CL %s",
+        adata.n_obs,
+        adata.n_vars,
+        len(label_to_cl),
+        onto.version,
+    )
+    io.write_h5ad(adata, out)
+
+
+def split_task(data: str, out: str, spec: dict[str, Any]) -> None:
+    """Write the task's split table (cell_id, replicate, role)."""
+    from .data.splits import make_split
+
+    log = logging.getLogger(LOGGER_NAME)
+    adata = io.read_h5ad(data)
+    split = make_split(adata.obs, spec)
+    counts = split.groupby(["replicate", "role"]).size().unstack(fill_value=0)
+    log.info("split %s:\n%s", spec, counts.to_string())
+    io.write_table(split, out)
+
+
+def load_run_data(data: str, split: str, replicate: str):
+    """The processed dataset cut into train / valid / test AnnData for one replicate."""
+    adata = io.read_h5ad(data)
+    table = pd.read_parquet(split)
+    table = table[table["replicate"] == replicate]
+    if table.empty:
+        raise InputError(
+            f"no rows for replicate '{replicate}'",
+            file=split,
+            field="replicate",
+            fix="rerun the split rule",
+        )
+    parts = {}
+    for role in ("train", "valid", "test"):
+        ids = table.loc[table["role"] == role, "cell_id"].astype(str).to_numpy()
+        parts[role] = adata[ids].copy() if len(ids) else None
+    if parts["train"] is None or parts["test"] is None:
+        raise InputError(
+            f"replicate '{replicate}' has no training or no test cells",
+            file=split,
+            field="role",
+            fix="check the split settings of the task (fractions, number of folds)",
+        )
+    return parts
+
+
+# ---- train and score ---------------------------------------------------------------------
+def train_run(
+    *,
+    data: str,
+    split: str,
+    replicate: str,
+    method: dict[str, Any],
+    balancing: str,
+    seed: int,
+    out_predictions: str,
+    out_run: str,
+    out_model: str,
+    threads: int = 1,
+) -> None:
+    """Fit one method on one replicate's training cells and predict its test cells."""
+    import torch
+
+    from .methods import create
+
+    log = logging.getLogger(LOGGER_NAME)
+    torch.set_num_threads(max(1, threads))
+    if balancing != "none":
+        raise InputError(f"unknown balancing '{balancing}'", field="balancing", fix="use 'none'")
+    if method.get("module"):
+        from .workflow_config import import_method_module
+
+        import_method_module(method["module"])
+    parts = load_run_data(data, split, replicate)
+    from .methods import get
+
+    params = dict(method.get("params", {}))
+    if "seed" in get(method["name"]).default_params:
+        params.setdefault("seed", seed)
+    est = create(method["name"], **params)
+    train, valid, test = parts["train"], parts["valid"], parts["test"]
+    log.info(
+        "method %s params %s: train %d, valid %d, test %d cells",
+        method["name"],
+        params,
+        train.n_obs,
+        0 if valid is None else valid.n_obs,
+        test.n_obs,
+    )
+    t0 = time.perf_counter()
+    est.fit(train, valid)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    proba = est.predict_proba(test)
+    predict_s = time.perf_counter() - t0
+    est.save(out_model)
+    pred = make_predictions(test.obs_names, test.obs["cell_type"].astype(str), proba)
+    write_predictions(pred, out_predictions)
+    info = {
+        "method": method["name"],
+        "params": params,
+        "seed": seed,
+        "replicate": replicate,
+        "balancing": balancing,
+        "n_train": int(train.n_obs),
+        "n_valid": 0 if valid is None else int(valid.n_obs),
+        "n_test": int(test.n_obs),
+        "fit_seconds": fit_s,
+        "predict_seconds": predict_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "uses_unlabeled": bool(getattr(est, "uses_unlabeled", False)),
+        "history": getattr(est, "history_", None),
+    }
+    io.write_json(info, out_run)
+    log.info(
+        "fit %.2fs, predict %.2fs, accuracy on test %.4f",
+        fit_s,
+        predict_s,
+        float((pred["predicted_label"] == pred["true_label"]).mean()),
+    )
+
+
+def score_run(*, predictions: str, data: str, split: str, replicate: str, out: str) -> None:
+    """Score one predictions file: plain and ontology-corrected metrics, per-class F1."""
+    import anndata as ad
+
+    from .metrics import score_predictions
+    from .ontology import load_ontology
+
+    pred = read_predictions(predictions)
+    obs = ad.read_h5ad(data, backed="r").obs
+    label_to_cl = (
+        obs[["cell_type", "cell_type_ontology_term_id"]]
+        .astype(str)
+        .drop_duplicates()
+        .set_index("cell_type")["cell_type_ontology_term_id"]
+        .to_dict()
+    )
+    table = pd.read_parquet(split)
+    train_ids = table.loc[
+        (table["replicate"] == replicate) & (table["role"] == "train"), "cell_id"
+    ].astype(str)
+    train_counts = obs.loc[train_ids, "cell_type"].astype(str).value_counts().to_dict()
+    missing = sorted(set(pred["cell_id"]) - set(obs.index))
+    if missing:
+        raise InputError(
+            f"{len(missing)} predicted cells are not in the dataset (e.g. '{missing[0]}')",
+            file=predictions,
+            field="cell_id",
+            fix="write the obs names of the processed dataset's test cells",
+        )
+    scores = score_predictions(pred, label_to_cl, train_counts, load_ontology())
+    logging.getLogger(LOGGER_NAME).info(
+        "macro F1 %.4f (ontology-corrected %.4f), accuracy %.4f, ECE %.4f",
+        scores["macro_f1"],
+        scores["macro_f1_ontology"],
+        scores["accuracy"],
+        scores["ece"],
+    )
+    io.write_json(scores, out)
+
+
+# ---- tables ------------------------------------------------------------------------------
+SCORE_COLUMNS = ["accuracy", "macro_f1", "macro_f1_ontology", "weighted_f1", "ece", "n_test"]
+
+
+def _read_benchmark(path: Path) -> dict[str, float]:
+    if not path.exists():
+        return {}
+    row = pd.read_csv(path, sep="\t").iloc[0]
+    return {"wall_seconds": float(row["s"]), "max_rss_mb": float(row["max_rss"])}
+
+
+def aggregate(
+    *,
+    score_paths: list[str],
+    runs: list[dict[str, str]],
+    methods: dict[str, dict[str, Any]],
+    out_scores: str,
+    out_per_class: str,
+    out_summary: str,
+    out_runtime: str,
+) -> None:
+    """Collect every run's scores into tables: per run, per class, per task x method, runtime."""
+    rows, per_class, runtime = [], [], []
+    for path, run in zip(score_paths, runs, strict=True):
+        scores = json.loads(Path(path).read_text())
+        meta = methods.get(run["method"], {})
+        base = dict(run)
+        base["control"] = bool(meta.get("control", False))
+        base["uses_unlabeled"] = bool(meta.get("uses_unlabeled", False))
+        rows.append({**base, **{k: scores[k] for k in SCORE_COLUMNS}})
+        for pc in scores["per_class"]:
+            per_class.append({**run, **pc})
+        run_json = Path(path).with_name("run.json")
+        info = json.loads(run_json.read_text()) if run_json.exists() else {}
+        bench = _read_benchmark(
+            Path("results/benchmarks/train")
+            / run["task"]
+            / run["method"]
+            / run["balancing"]
+            / f"{run['replicate']}.tsv"
+        )
+        runtime.append(
+            {
+                **run,
+                "n_train": info.get("n_train"),
+                "fit_seconds": info.get("fit_seconds"),
+                "predict_seconds": info.get("predict_seconds"),
+                "peak_rss_mb": info.get("peak_rss_mb"),
+                **bench,
+            }
+        )
+    scores_df = pd.DataFrame(rows)
+    io.write_table(scores_df, out_scores)
+    io.write_table(pd.DataFrame(per_class), out_per_class)
+    io.write_table(pd.DataFrame(runtime), out_runtime)
+    io.write_table(summarise(scores_df), out_summary)
+
+
+def summarise(scores: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sd over replicates per task x method x balancing."""
+    keys = ["task", "method", "balancing", "control", "uses_unlabeled"]
+    metrics = ["macro_f1", "macro_f1_ontology", "accuracy", "ece"]
+    g = scores.groupby(keys, observed=True)[metrics]
+    out = g.mean().add_suffix("_mean").join(g.std(ddof=1).add_suffix("_sd")).reset_index()
+    out["n_replicates"] = g.size().to_numpy()
+    return out.sort_values(["task", "macro_f1_mean"], ascending=[True, False]).reset_index(
+        drop=True
+    )
+
+
+def summary_html(summary: str, out: str) -> None:
+    """The summary table as a small standalone HTML page for the report."""
+    df = pd.read_csv(summary)
+    fmt = df.copy()
+    for m in ["macro_f1", "macro_f1_ontology", "accuracy", "ece"]:
+        fmt[m] = [
+            f"{a:.3f} ± {b:.3f}" if np.isfinite(b) else f"{a:.3f}"
+            for a, b in zip(df[f"{m}_mean"], df[f"{m}_sd"], strict=True)
+        ]
+    fmt = fmt[
+        [
+            "task",
+            "method",
+            "balancing",
+            "control",
+            "uses_unlabeled",
+            "n_replicates",
+            "macro_f1",
+            "macro_f1_ontology",
+            "accuracy",
+            "ece",
+        ]
+    ]
+    html = (
+        "<html><head><meta charset='utf-8'><title>celltype-bench scores</title>"
+        "<style>body{font-family:sans-serif}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body>"
+        "<h2>Scores (mean ± sd over replicates)</h2>"
+        "<p>Controls (majority class, random labels) anchor each task. 'macro_f1_ontology' counts a "
+        "prediction of the true type or one of its descendants as right (scTab's rule).</p>"
+        + fmt.to_html(index=False, border=0)
+        + "</body></html>"
+    )
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(out).with_name(Path(out).name + ".tmp")
+    tmp.write_text(html)
+    tmp.replace(out)
+
+
+def run_logged(log_path: str | None, step, **kwargs) -> None:
+    """Run a step with the package logger sent to the rule's log; errors land in the log too."""
+    logger = setup_logging(log_path)
+    try:
+        step(**kwargs)
+    except Exception:
+        logger.exception("step %s failed", step.__name__)
+        raise

@@ -1,0 +1,211 @@
+"""The validated workflow config, as the Snakefile sees it: runs, targets, per-method settings.
+
+Snakemake validates the shape with config/schema.yaml; this class checks what a schema cannot
+(method names against the registry, task -> dataset references) and derives the DAG's targets.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InputError
+
+NAME_REGEX = r"[A-Za-z0-9][A-Za-z0-9_-]*"
+DEFAULT_RESOURCES = {"mem_mb": 4000, "runtime": 60}
+
+
+@dataclass
+class WorkflowConfig:
+    """Derived view of a workflow config dict."""
+
+    raw: dict[str, Any]
+    source: str = "config.yaml"
+    name_regex: str = NAME_REGEX
+    datasets: dict[str, dict] = field(init=False)
+    tasks: dict[str, dict] = field(init=False)
+    methods: dict[str, dict] = field(init=False)
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], source: str = "config.yaml") -> WorkflowConfig:
+        """Build and cross-check; raises InputError naming the offending key."""
+        self = cls(raw=config, source=str(source))
+        self._check()
+        return self
+
+    def __post_init__(self) -> None:
+        self.datasets = self.raw["datasets"]
+        self.tasks = self.raw["tasks"]
+        self.methods = {k: dict(v or {}) for k, v in self.raw["methods"].items()}
+
+    # ---- checks ---------------------------------------------------------------------------
+    def _check(self) -> None:
+        from .methods import available
+
+        for key, spec in self.methods.items():
+            if spec.get("module"):
+                import_method_module(spec["module"], where=f"{self.source}: methods.{key}.module")
+        registry = set(available())
+        for key, spec in self.methods.items():
+            if spec.get("external"):
+                continue
+            name = spec.get("method", key)
+            if name not in registry:
+                raise InputError(
+                    f"unknown method '{name}'",
+                    file=self.source,
+                    field=f"methods.{key}" + (".method" if "method" in spec else ""),
+                    fix=f"use one of {sorted(registry)}, or set 'external: true' and add rules/methods/{key}.smk",
+                )
+            from .methods import get
+
+            get(name).check_params(
+                spec.get("params", {}), where=f"{self.source}: methods.{key}.params"
+            )
+        for task, spec in self.tasks.items():
+            if spec["dataset"] not in self.datasets:
+                raise InputError(
+                    f"task '{task}' uses unknown dataset '{spec['dataset']}'",
+                    file=self.source,
+                    field=f"tasks.{task}.dataset",
+                    fix=f"use one of {sorted(self.datasets)}",
+                )
+            for m in spec.get("methods", []):
+                if m not in self.methods:
+                    raise InputError(
+                        f"task '{task}' lists unknown method '{m}'",
+                        file=self.source,
+                        field=f"tasks.{task}.methods",
+                        fix=f"use one of {sorted(self.methods)}",
+                    )
+
+    # ---- per-run settings -----------------------------------------------------------------
+    @property
+    def python_methods(self) -> list[str]:
+        return [k for k, v in self.methods.items() if not v.get("external")]
+
+    @property
+    def python_method_regex(self) -> str:
+        names = sorted(self.python_methods, key=len, reverse=True)
+        return "(?:" + "|".join(re.escape(n) for n in names) + ")" if names else "(?!)"
+
+    def method_spec(self, key: str) -> dict[str, Any]:
+        spec = self.methods[key]
+        return {
+            "name": spec.get("method", key),
+            "params": dict(spec.get("params", {})),
+            "module": spec.get("module"),
+        }
+
+    def method_threads(self, key: str) -> int:
+        return int(self.methods.get(key, {}).get("threads", 1))
+
+    def method_resource(self, key: str, name: str) -> Any:
+        res = self.methods.get(key, {}).get("resources", {})
+        return res.get(name, DEFAULT_RESOURCES.get(name))
+
+    def seed_for(self, replicate: str) -> int:
+        return int(self.raw.get("seed", 0)) + int(replicate.lstrip("r"))
+
+    def split_spec(self, task: str) -> dict[str, Any]:
+        spec = dict(self.tasks[task]["split"])
+        spec["n_replicates"] = self.n_replicates(task)
+        return spec
+
+    def n_replicates(self, task: str) -> int:
+        spec = self.tasks[task]
+        if spec["split"]["kind"] == "stratified_kfold":
+            return int(spec["split"].get("n_folds", 5))
+        return int(spec.get("replicates", 1))
+
+    def methods_for(self, task: str) -> list[str]:
+        return list(self.tasks[task].get("methods", self.methods))
+
+    # ---- targets --------------------------------------------------------------------------
+    def all_runs(self) -> list[dict[str, str]]:
+        """Every (task, method, balancing, replicate) the config asks for."""
+        runs = []
+        for task in self.tasks:
+            for method in self.methods_for(task):
+                for balancing in self.raw.get("balancing", ["none"]):
+                    for i in range(self.n_replicates(task)):
+                        runs.append(
+                            {
+                                "task": task,
+                                "method": method,
+                                "balancing": balancing,
+                                "replicate": f"r{i}",
+                            }
+                        )
+        return runs
+
+    def run_paths(self, task: str, filename: str) -> list[str]:
+        return [
+            f"results/{r['task']}/{r['method']}/{r['balancing']}/{r['replicate']}/{filename}"
+            for r in self.all_runs()
+            if r["task"] == task
+        ]
+
+    def all_run_paths(self, filename: str) -> list[str]:
+        return [p for task in self.tasks for p in self.run_paths(task, filename)]
+
+    def method_table(self) -> dict[str, dict[str, Any]]:
+        """Per method key: registry name, whether it is a control, whether it saw unlabeled cells."""
+        from .methods import get
+
+        out = {}
+        for key, spec in self.methods.items():
+            if spec.get("external"):
+                out[key] = {
+                    "method": key,
+                    "control": False,
+                    "external": True,
+                    "uses_unlabeled": False,
+                }
+                continue
+            cls = get(spec.get("method", key))
+            out[key] = {
+                "method": spec.get("method", key),
+                "control": bool(getattr(cls, "is_control", False)),
+                "external": False,
+                "uses_unlabeled": bool(getattr(cls, "uses_unlabeled", False)),
+            }
+        return out
+
+    def all_targets(self) -> list[str]:
+        targets = ["results/tables/scores.csv", "results/tables/summary.html"]
+        for task in self.tasks:
+            targets.append(f"results/figures/{task}_method_comparison.png")
+            targets.append(f"results/figures/{task}_f1_vs_train_cells.png")
+        return targets
+
+
+def import_method_module(module: str, where: str = "config") -> None:
+    """Import a user's method module (a .py file path or a dotted name) so it registers itself."""
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    try:
+        if module.endswith(".py"):
+            path = Path(module).resolve()
+            name = "celltype_bench_user_" + re.sub(r"\W", "_", path.stem)
+            if name in sys.modules:
+                return
+            spec = importlib.util.spec_from_file_location(name, path)
+            if spec is None or spec.loader is None or not path.exists():
+                raise FileNotFoundError(str(path))
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[name] = mod
+            spec.loader.exec_module(mod)
+        else:
+            importlib.import_module(module)
+    except Exception as exc:
+        raise InputError(
+            f"cannot import method module '{module}' ({type(exc).__name__}: {exc})",
+            file=where.split(":")[0],
+            field=where.split(": ")[-1],
+            fix="give a .py file path relative to the working directory, or an importable dotted module name",
+        ) from exc

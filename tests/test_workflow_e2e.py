@@ -1,0 +1,133 @@
+"""The whole DAG on a tiny config in a temporary copy of the workflow, with toy methods added
+both ways (a Python module + config block, and an external rule)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+TINY = {
+    "seed": 0,
+    "datasets": {
+        "pbmc68k": {"source": {"kind": "pbmc68k"}},
+        "census_like": {
+            "source": {"kind": "census_like", "n_cells": 2500, "n_donors": 40, "seed": 0}
+        },
+    },
+    "preprocess": {"min_genes": 10},
+    "tasks": {
+        "pbmc68k": {"dataset": "pbmc68k", "split": {"kind": "stratified_kfold", "n_folds": 2}},
+        "census_like": {
+            "dataset": "census_like",
+            "split": {"kind": "donor", "val_fraction": 0.15, "test_fraction": 0.15, "seed": 1},
+            "replicates": 1,
+            "methods": ["majority", "linear", "scbalance"],
+        },
+    },
+    "methods": {
+        "majority": {},
+        "random": {},
+        "linear": {"params": {"epochs": 2}},
+        "scbalance": {"params": {"epochs": 2}},
+        "celltypist": {"params": {"epochs": 1, "batch_size": 100}},
+        "toy_centroid": {"module": "toy_method.py"},
+        "toy_external": {"external": True},
+    },
+    "balancing": ["none"],
+}
+
+
+def _copy_workflow(dest: Path) -> None:
+    for item in [
+        "Snakefile",
+        "rules",
+        "scripts",
+        "config",
+        "report",
+        "envs",
+        "profiles",
+        "config.yaml",
+    ]:
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / item)
+    shutil.copy(FIXTURES / "toy_method.py", dest / "toy_method.py")
+    shutil.copy(FIXTURES / "toy_external.smk", dest / "rules" / "methods" / "toy_external.smk")
+    shutil.copy(FIXTURES / "toy_external.py", dest / "rules" / "methods" / "toy_external.py")
+    (dest / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+
+
+def _snakemake(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [SNAKEMAKE, "--cores", "2", "--configfile", "tiny.yaml", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+@pytest.fixture(scope="module")
+def workflow_run(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("wf")
+    _copy_workflow(wd)
+    res = _snakemake(wd)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    rep = _snakemake(wd, "--report", "results/report.html")
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    return wd
+
+
+@pytest.mark.e2e
+def test_scores_table_has_every_method_and_control(workflow_run):
+    scores = pd.read_csv(workflow_run / "results/tables/scores.csv")
+    pbmc = scores[scores.task == "pbmc68k"]
+    assert set(pbmc.method) == set(TINY["methods"])
+    assert len(pbmc) == len(TINY["methods"]) * 2  # two folds each
+    assert set(scores[scores.task == "census_like"].method) == {"majority", "linear", "scbalance"}
+    assert scores.loc[scores.method == "majority", "control"].all()
+    assert not scores.loc[scores.method == "linear", "control"].any()
+    for col in ["accuracy", "macro_f1", "macro_f1_ontology", "ece"]:
+        assert scores[col].between(0, 1).all(), col
+    assert (scores["macro_f1_ontology"] >= scores["macro_f1"] - 1e-9).all()
+    # a learned method beats the majority control on the real cells
+    mean = pbmc.groupby("method")["macro_f1"].mean()
+    assert mean["linear"] > mean["majority"] + 0.2
+
+
+@pytest.mark.e2e
+def test_per_class_table_and_runtime(workflow_run):
+    per_class = pd.read_csv(workflow_run / "results/tables/per_class.csv")
+    assert {"label", "cl_id", "f1", "n_train", "support_test"} <= set(per_class.columns)
+    assert per_class["cl_id"].str.startswith("CL:").all()
+    runtime = pd.read_csv(workflow_run / "results/tables/runtime.csv")
+    assert (runtime["wall_seconds"] > 0).all()
+
+
+@pytest.mark.e2e
+def test_figures_report_and_logs(workflow_run):
+    for task in TINY["tasks"]:
+        for fig in ["method_comparison", "f1_vs_train_cells"]:
+            png = workflow_run / f"results/figures/{task}_{fig}.png"
+            assert png.stat().st_size > 10_000
+    html = (workflow_run / "results/report.html").read_text(errors="ignore")
+    assert "pbmc68k_method_comparison.png" in html
+    log = (workflow_run / "logs/train/pbmc68k/linear/none/r0.log").read_text()
+    assert "epoch" in log
+    run = json.loads((workflow_run / "results/pbmc68k/linear/none/r0/run.json").read_text())
+    assert run["n_train"] > 0 and run["fit_seconds"] > 0
+
+
+@pytest.mark.e2e
+def test_rerun_has_nothing_to_do(workflow_run):
+    res = _snakemake(workflow_run, "-n")
+    assert res.returncode == 0
+    assert "Nothing to be done" in res.stdout + res.stderr
