@@ -36,7 +36,7 @@ TINY = {
     "methods": {
         "majority": {},
         "random": {},
-        "linear": {"params": {"epochs": 2}},
+        "linear": {"params": {"epochs": 10, "batch_size": 64, "lr": 0.01}},
         "scbalance": {"params": {"epochs": 2}},
         "celltypist": {"params": {"epochs": 1, "batch_size": 100}},
         "toy_centroid": {"module": "toy_method.py"},
