@@ -114,10 +114,15 @@ def test_per_class_table_and_runtime(workflow_run):
 
 @pytest.mark.e2e
 def test_figures_report_and_logs(workflow_run):
+    from celltype_bench.figures import figure_methods
+
     for task in TINY["tasks"]:
         for fig in ["method_comparison", "f1_vs_train_cells"]:
             png = workflow_run / f"results/figures/{task}_{fig}.png"
             assert png.stat().st_size > 10_000
+    for fig in ["method_comparison", "f1_vs_train_cells"]:
+        plotted = figure_methods(workflow_run / f"results/figures/pbmc68k_{fig}.png")
+        assert {"toy_centroid", "toy_external", "majority", "random"} <= set(plotted), plotted
     html = (workflow_run / "results/report.html").read_text(errors="ignore")
     assert "pbmc68k_method_comparison.png" in html
     log = (workflow_run / "logs/train/pbmc68k/linear/none/r0.log").read_text()

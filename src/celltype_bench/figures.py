@@ -23,10 +23,12 @@ def _task_rows(df: pd.DataFrame, task: str, path: str) -> pd.DataFrame:
     return sub
 
 
-def _save(fig, out: str, dpi: int) -> None:
+def _save(fig, out: str, dpi: int, methods: list[str]) -> None:
+    """Write atomically; the PNG's text metadata lists the plotted methods (tests read it)."""
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(out).with_name(".tmp." + Path(out).name)
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+    meta = {"Software": "celltype-bench", "Description": "methods: " + ", ".join(methods)}
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png", metadata=meta)
     plt.close(fig)
     tmp.replace(out)
 
@@ -93,7 +95,7 @@ def method_comparison(scores: str, task: str, out: str, dpi: int = 120) -> None:
     ax.set_title(f"{task}: methods compared over {n_rep} replicates")
     ax.legend(loc="lower left", fontsize=8, frameon=False)
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
-    _save(fig, out, dpi)
+    _save(fig, out, dpi, order)
 
 
 def f1_vs_train_cells(per_class: str, task: str, out: str, dpi: int = 120) -> None:
@@ -128,4 +130,13 @@ def f1_vs_train_cells(per_class: str, task: str, out: str, dpi: int = 120) -> No
     ax.set_ylabel("per-class F1 on test cells")
     ax.set_title(f"{task}: per-class F1 vs training cells (mean over replicates)")
     ax.legend(fontsize=8, frameon=False, bbox_to_anchor=(1.01, 1), loc="upper left")
-    _save(fig, out, dpi)
+    _save(fig, out, dpi, methods)
+
+
+def figure_methods(png: str | Path) -> list[str]:
+    """The methods a figure written here plotted, read back from its PNG metadata."""
+    from PIL import Image
+
+    with Image.open(png) as im:
+        desc = im.info.get("Description", "")
+    return [m for m in desc.removeprefix("methods: ").split(", ") if m]
