@@ -42,3 +42,76 @@ rule figure_f1_vs_train_cells:
         "../envs/bench.yaml"
     script:
         "../scripts/figure_f1_vs_train_cells.py"
+
+
+rule figure_balancing:
+    input:
+        scores="results/tables/scores.csv",
+        tests="results/tables/balancing_tests.csv",
+    output:
+        report(
+            "results/figures/{task}_balancing.png",
+            caption="../report/balancing.rst",
+            category="Balancing",
+            subcategory="{task}",
+            labels={"task": "{task}", "figure": "F1 by balancing strategy"},
+        ),
+    params:
+        kind="comparison",
+        dpi=config["figures"]["dpi"],
+    log:
+        "logs/figures/{task}_balancing.log",
+    benchmark:
+        "results/benchmarks/figures/{task}_balancing.tsv"
+    conda:
+        "../envs/bench.yaml"
+    script:
+        "../scripts/figure_balancing.py"
+
+
+rule figure_balancing_per_class:
+    input:
+        per_class="results/tables/per_class.csv",
+    output:
+        report(
+            "results/figures/{task}_balancing_per_class.png",
+            caption="../report/balancing_per_class.rst",
+            category="Balancing",
+            subcategory="{task}",
+            labels={"task": "{task}", "figure": "per-class F1 by balancing strategy"},
+        ),
+    params:
+        kind="per_class",
+        dpi=config["figures"]["dpi"],
+    log:
+        "logs/figures/{task}_balancing_per_class.log",
+    benchmark:
+        "results/benchmarks/figures/{task}_balancing_per_class.tsv"
+    conda:
+        "../envs/bench.yaml"
+    script:
+        "../scripts/figure_balancing.py"
+
+
+rule figure_balancing_runtime:
+    input:
+        runtime="results/tables/balancing_runtime.csv",
+    output:
+        report(
+            "results/figures/balancing_runtime.png",
+            caption="../report/balancing_runtime.rst",
+            category="Balancing",
+            subcategory="running time",
+            labels={"figure": "balancing running time"},
+        ),
+    params:
+        kind="runtime",
+        dpi=config["figures"]["dpi"],
+    log:
+        "logs/figures/balancing_runtime.log",
+    benchmark:
+        "results/benchmarks/figures/balancing_runtime.tsv"
+    conda:
+        "../envs/bench.yaml"
+    script:
+        "../scripts/figure_balancing.py"

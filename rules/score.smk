@@ -5,6 +5,8 @@ rule score:
         split="data/splits/{task}.parquet",
     output:
         "results/{task}/{method}/{balancing}/{replicate}/scores.json",
+    params:
+        rare_fraction=BENCH.balancing.get("rare_fraction", 0.05),
     log:
         "logs/score/{task}/{method}/{balancing}/{replicate}.log",
     benchmark:
@@ -34,3 +36,18 @@ rule aggregate:
         "../envs/bench.yaml"
     script:
         "../scripts/aggregate.py"
+
+
+rule balancing_tests:
+    input:
+        scores="results/tables/scores.csv",
+    output:
+        "results/tables/balancing_tests.csv",
+    log:
+        "logs/balancing_tests.log",
+    benchmark:
+        "results/benchmarks/balancing_tests.tsv"
+    conda:
+        "../envs/bench.yaml"
+    script:
+        "../scripts/balancing_tests.py"

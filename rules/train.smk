@@ -10,6 +10,7 @@ rule train:
         model=directory("results/{task}/{method}/{balancing}/{replicate}/model"),
     params:
         method=lambda w: BENCH.method_spec(w.method),
+        balancing=lambda w: BENCH.balancing_spec(w.balancing),
         seed=lambda w: BENCH.seed_for(w.replicate),
     wildcard_constraints:
         method=BENCH.python_method_regex,

@@ -11,4 +11,5 @@ run_logged(
     split=sm.input.split,
     replicate=sm.wildcards.replicate,
     out=sm.output[0],
+    rare_fraction=sm.params.rare_fraction,
 )

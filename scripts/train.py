@@ -10,7 +10,7 @@ run_logged(
     split=sm.input.split,
     replicate=sm.wildcards.replicate,
     method=dict(sm.params.method),
-    balancing=sm.wildcards.balancing,
+    balancing=dict(sm.params.balancing),
     seed=sm.params.seed,
     out_predictions=sm.output.predictions,
     out_run=sm.output.run,

@@ -23,7 +23,10 @@ def test_default_config_is_valid(cfg):
     bench = WorkflowConfig.from_dict(cfg)
     runs = bench.all_runs()
     assert {r["task"] for r in runs} == set(cfg["tasks"])
-    assert len([r for r in runs if r["task"] == "pbmc68k"]) == 5 * len(cfg["methods"])
+    n_cross = len(cfg["balancing"]["per_method"]["scbalance"])
+    assert len([r for r in runs if r["task"] == "pbmc68k"]) == 5 * (
+        len(cfg["methods"]) - 1 + n_cross
+    )
 
 
 def test_misspelt_key_is_named(cfg):
@@ -61,3 +64,41 @@ def test_seeds_differ_per_replicate(cfg):
     bench = WorkflowConfig.from_dict(cfg)
     assert bench.seed_for("r0") != bench.seed_for("r1")
     assert bench.n_replicates("census_like") == cfg["tasks"]["census_like"]["replicates"]
+
+
+def test_balancing_axis_resolves_native_and_crosses_scbalance(cfg):
+    bench = WorkflowConfig.from_dict(cfg)
+    assert bench.balancings_for("linear") == ["class_weight"]
+    assert bench.balancings_for("majority") == ["none"]
+    assert bench.balancings_for("scbalance") == cfg["balancing"]["per_method"]["scbalance"]
+    assert bench.crossed_methods == ["scbalance"]
+    targets = bench.all_targets()
+    assert "results/figures/pbmc68k_balancing.png" in targets
+    assert "results/figures/balancing_runtime.png" in targets
+
+
+def test_unknown_strategy_and_unsupported_pair_are_named(cfg):
+    bad = copy.deepcopy(cfg)
+    bad["balancing"]["per_method"]["linear"] = ["smoot"]
+    with pytest.raises(InputError, match="smoot") as err:
+        WorkflowConfig.from_dict(bad)
+    assert "balancing.per_method.linear" in str(err.value) and "smote" in str(err.value)
+    bad = copy.deepcopy(cfg)
+    bad["balancing"]["per_method"]["majority"] = ["class_weight"]
+    with pytest.raises(InputError, match="majority"):
+        WorkflowConfig.from_dict(bad)
+
+
+def test_external_balancer_spec(cfg):
+    good = copy.deepcopy(cfg)
+    good["balancing"]["external"] = {"adasyn": {"class": "imblearn.over_sampling.ADASYN"}}
+    good["balancing"]["per_method"]["scbalance"].append("adasyn")
+    validate(good, SCHEMA)
+    bench = WorkflowConfig.from_dict(good)
+    assert bench.balancing_spec("adasyn") == {
+        "strategy": "external",
+        "name": "adasyn",
+        "class": "imblearn.over_sampling.ADASYN",
+        "params": {},
+    }
+    assert bench.balancing_spec("smote") == {"strategy": "smote", "name": "smote"}

@@ -404,3 +404,46 @@ def test_celltypist_chatter_stays_off_the_console(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", str(logging.WARNING)]
     assert "Training data" not in out.stderr and "Preparing data" not in out.stderr
+
+
+# ---------------------------------------------------------------- balancing switches
+def test_linear_weighted_sampling_changes_training(fitted, splits):
+    m = create("linear", **FAST["linear"], weighted_sampling=True)
+    m.fit(splits["train"], splits["valid"])
+    assert (
+        m.params["weighted_sampling"] is True
+        and create("linear").params["weighted_sampling"] is False
+    )
+    diff = np.abs(
+        m.predict_proba(splits["test"]).to_numpy()
+        - fitted["linear"].predict_proba(splits["test"]).to_numpy()
+    )
+    assert diff.max() > 1e-3
+
+
+def test_scbalance_class_weighted_changes_training(fitted, splits):
+    assert create("scbalance").params["class_weighted"] is False  # the paper: plain CE
+    m = create("scbalance", **FAST["scbalance"], class_weighted=True)
+    m.fit(splits["train"], splits["valid"])
+    diff = np.abs(
+        m.predict_proba(splits["test"]).to_numpy()
+        - fitted["scbalance"].predict_proba(splits["test"]).to_numpy()
+    )
+    assert diff.max() > 1e-3
+
+
+def test_celltypist_balance_cell_type_warns_when_it_only_reorders(splits, caplog):
+    with caplog.at_level(logging.WARNING, logger="celltype_bench"):
+        create("celltypist", **FAST["celltypist"], balance_cell_type=True).fit(splits["train"])
+    assert any("only reorders" in r.getMessage() for r in caplog.records)
+
+
+def test_balancing_class_attributes():
+    from celltype_bench.methods import get
+
+    assert get("linear").native_balancing == "class_weight"
+    assert get("scbalance").native_balancing == "weighted_sampling"
+    assert get("celltypist").native_balancing == "none"
+    assert get("majority").native_balancing == get("random").native_balancing == "none"
+    assert get("celltypist").supported_weightings == {"weighted_sampling"}
+    assert get("majority").supported_weightings == frozenset()

@@ -12,11 +12,15 @@ from torch import nn
 
 from celltype_bench.errors import InputError
 from celltype_bench.training import (
+    CHUNK_BATCHES,
+    CHUNK_BYTES,
     choose_device,
+    chunk_cells,
     fit_torch,
     iterate_minibatches,
     predict_proba_torch,
     seed_everything,
+    use_fused_kernel,
 )
 
 torch.set_num_threads(2)
@@ -227,3 +231,168 @@ def test_predict_proba_torch_batched_eval_mode():
     np.testing.assert_allclose(p_small, p_big, rtol=1e-5, atol=1e-6)  # dropout was off
     np.testing.assert_allclose(p_small.sum(axis=1), 1.0, atol=1e-9)
     assert model.training  # previous mode restored
+
+
+# ---------------------------------------------------------------- chunked batching
+def _naive_minibatches(X, y, batch_size, indices, min_batch=1):
+    """The reference: every batch sliced from the CSR matrix and densified on its own."""
+    for start in range(0, len(indices), batch_size):
+        rows = indices[start : start + batch_size]
+        if len(rows) < min_batch:
+            break
+        xb = torch.from_numpy(X[rows].toarray().astype(np.float32))
+        yb = None if y is None else torch.from_numpy(np.asarray(y)[rows].astype(np.int64))
+        yield xb, yb
+
+
+def _assert_same_batches(got, want):
+    assert len(got) == len(want)
+    for (xg, yg), (xw, yw) in zip(got, want, strict=True):
+        assert xg.dtype == torch.float32 and xg.shape == xw.shape
+        assert torch.equal(xg, xw)
+        if yw is None:
+            assert yg is None
+        else:
+            assert yg.dtype == torch.int64 and torch.equal(yg, yw)
+
+
+@pytest.mark.parametrize("n_idx", [1, 2, 127, 128, 129, 1000, 1281])
+@pytest.mark.parametrize("chunk_batches", [1, 3, 64])
+@pytest.mark.parametrize("min_batch", [1, 2])
+def test_chunked_minibatches_equal_naive(n_idx, chunk_batches, min_batch):
+    X, y = _blobs(n=300, genes=20)
+    rng = np.random.default_rng(n_idx)
+    idx = rng.choice(300, size=n_idx, replace=True)  # repeats, like the weighted sampler
+    want = list(_naive_minibatches(X, y, 128, idx, min_batch=min_batch))
+    got = list(
+        iterate_minibatches(
+            X, y, 128, indices=idx, min_batch=min_batch, chunk_batches=chunk_batches
+        )
+    )
+    _assert_same_batches(got, want)
+    # a permutation from rng, and the natural order, without labels
+    perm = np.random.default_rng(5).permutation(300)
+    got = list(
+        iterate_minibatches(X, y, 7, rng=np.random.default_rng(5), chunk_batches=chunk_batches)
+    )
+    _assert_same_batches(got, list(_naive_minibatches(X, y, 7, perm)))
+    got = list(iterate_minibatches(X, None, 64, chunk_batches=chunk_batches))
+    _assert_same_batches(got, list(_naive_minibatches(X, None, 64, np.arange(300))))
+
+
+def test_chunk_memory_is_bounded():
+    # as many batches as fit in CHUNK_BYTES (at most CHUNK_BATCHES), at least one
+    assert chunk_cells(765, 128) == (CHUNK_BYTES // (128 * 765 * 4)) * 128
+    assert chunk_cells(10, 128) == CHUNK_BATCHES * 128
+    assert chunk_cells(2000, 128) * 2000 * 4 <= CHUNK_BYTES
+    assert chunk_cells(19331, 128) == 128  # a batch above the budget: one batch per chunk
+    X, y = _blobs(n=300, genes=20)
+    # a tiny byte budget forces one batch per chunk; the batches do not change
+    got = list(iterate_minibatches(X, y, 16, rng=np.random.default_rng(0), max_chunk_bytes=1))
+    want = list(iterate_minibatches(X, y, 16, rng=np.random.default_rng(0), chunk_batches=1))
+    _assert_same_batches(got, want)
+
+
+def test_chunked_batches_are_independent_views():
+    """Changing one yielded batch in place (e.g. augmentation) leaves the others alone."""
+    X, y = _blobs(n=300, genes=20)
+    idx = np.zeros(40, dtype=np.int64)  # the same cell 40 times
+    batches = list(iterate_minibatches(X, y, 10, indices=idx))
+    batches[0][0].add_(100.0)
+    for xb, _ in batches[1:]:
+        np.testing.assert_array_equal(xb.numpy(), X[idx[:10]].toarray())
+
+
+def test_iterate_minibatches_drops_everything_when_batches_are_too_small():
+    X, y = _blobs(n=30)
+    assert list(iterate_minibatches(X, y, 1, min_batch=2)) == []
+
+
+# ---------------------------------------------------------------- fused optimizer
+def _fit_once(seed: int, fused: bool, opt: str = "adam"):
+    X, y = _blobs(n=200)
+    seed_everything(seed)
+    model = _mlp(X.shape[1], 3)
+    make = {
+        "adam": lambda p: torch.optim.Adam(p, lr=0.01),
+        "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.01),
+        "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
+    }[opt]
+    hist = fit_torch(
+        model,
+        X,
+        y,
+        optimizer=make,
+        epochs=3,
+        batch_size=32,
+        device="cpu",
+        seed=seed,
+        fused_optimizer=fused,
+    )
+    return model, hist
+
+
+def test_use_fused_kernel_only_when_no_choice_was_made():
+    params = list(nn.Linear(3, 2).parameters())
+    adam = torch.optim.Adam(params, lr=0.01)
+    assert use_fused_kernel(adam) and all(g["fused"] for g in adam.param_groups)
+    assert use_fused_kernel(torch.optim.AdamW(params))
+    assert not use_fused_kernel(torch.optim.Adam(params, foreach=False))  # explicit choice
+    assert not use_fused_kernel(torch.optim.Adam(params, fused=False))
+    assert not use_fused_kernel(torch.optim.SGD(params, lr=0.1))  # not Adam
+    stepped = torch.optim.Adam(params, lr=0.01)
+    params[0].grad = torch.ones_like(params[0])
+    stepped.step()
+    assert not use_fused_kernel(stepped)  # has state already
+
+
+@pytest.mark.parametrize("opt", ["adam", "adamw"])
+def test_fused_optimizer_same_update_rule_and_deterministic(opt):
+    # the same steps on the same gradients: equal up to rounding
+    torch.manual_seed(0)
+    start = [torch.randn(16, 20), torch.randn(16)]
+    grads = [[torch.randn_like(w) for w in start] for _ in range(5)]
+    make = torch.optim.Adam if opt == "adam" else torch.optim.AdamW
+    finals = []
+    for fused in (False, True):
+        params = [nn.Parameter(w.clone()) for w in start]
+        optimizer = make(params, lr=0.01)
+        if fused:
+            assert use_fused_kernel(optimizer)
+        for step in grads:
+            for prm, g in zip(params, step, strict=True):
+                prm.grad = g.clone()
+            optimizer.step()
+        finals.append([prm.detach().clone() for prm in params])
+    for w0, a, b in zip(start, *finals, strict=True):
+        assert not torch.equal(a, w0)  # it did step
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # fit_torch with the fused kernel: deterministic per seed, the same first-epoch loss
+    m1, h1 = _fit_once(0, True, opt)
+    m2, h2 = _fit_once(0, True, opt)
+    _, h_plain = _fit_once(0, False, opt)
+    assert [h["loss"] for h in h1] == [h["loss"] for h in h2]
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert h1[0]["loss"] == pytest.approx(h_plain[0]["loss"], rel=1e-3)
+
+
+def test_predict_proba_torch_bounds_batch_bytes_for_wide_data(monkeypatch):
+    import celltype_bench.training as training
+
+    X, _ = _blobs(n=37, genes=20)
+    model = nn.Sequential(nn.Linear(X.shape[1], 3))
+    seen = []
+    real = training.densify
+
+    def spy(X_, rows, device):
+        out = real(X_, rows, device)
+        seen.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(training, "densify", spy)
+    monkeypatch.setattr(training, "PREDICT_BYTES", 20 * 4 * 8)  # room for 8 cells of 20 genes
+    p = training.predict_proba_torch(model, X, batch_size=4096)
+    assert max(seen) == 8 and sum(seen) == 37
+    monkeypatch.undo()
+    np.testing.assert_allclose(p, predict_proba_torch(model, X), rtol=1e-5, atol=1e-7)

@@ -42,7 +42,19 @@ TINY = {
         "toy_centroid": {"module": "toy_method.py"},
         "toy_external": {"external": True},
     },
-    "balancing": ["none"],
+    "balancing": {
+        "default": ["native"],
+        "per_method": {
+            "scbalance": ["none", "weighted_sampling", "oversample", "smote", "ros_ext"]
+        },
+        "external": {
+            "ros_ext": {"class": "imblearn.over_sampling.RandomOverSampler", "params": {}}
+        },
+        "runtime_sweep": {
+            "sizes": [300, 1000],
+            "strategies": ["none", "weighted_sampling", "smote"],
+        },
+    },
 }
 
 
@@ -91,7 +103,8 @@ def test_scores_table_has_every_method_and_control(workflow_run):
     scores = pd.read_csv(workflow_run / "results/tables/scores.csv")
     pbmc = scores[scores.task == "pbmc68k"]
     assert set(pbmc.method) == set(TINY["methods"])
-    assert len(pbmc) == len(TINY["methods"]) * 2  # two folds each
+    n_strategies = len(TINY["balancing"]["per_method"]["scbalance"])
+    assert len(pbmc) == (len(TINY["methods"]) - 1 + n_strategies) * 2  # two folds each
     assert set(scores[scores.task == "census_like"].method) == {"majority", "linear", "scbalance"}
     assert scores.loc[scores.method == "majority", "control"].all()
     assert not scores.loc[scores.method == "linear", "control"].any()
@@ -125,10 +138,38 @@ def test_figures_report_and_logs(workflow_run):
         assert {"toy_centroid", "toy_external", "majority", "random"} <= set(plotted), plotted
     html = (workflow_run / "results/report.html").read_text(errors="ignore")
     assert "pbmc68k_method_comparison.png" in html
-    log = (workflow_run / "logs/train/pbmc68k/linear/none/r0.log").read_text()
+    log = (workflow_run / "logs/train/pbmc68k/linear/class_weight/r0.log").read_text()
     assert "epoch" in log
-    run = json.loads((workflow_run / "results/pbmc68k/linear/none/r0/run.json").read_text())
+    run = json.loads((workflow_run / "results/pbmc68k/linear/class_weight/r0/run.json").read_text())
     assert run["n_train"] > 0 and run["fit_seconds"] > 0
+
+
+@pytest.mark.e2e
+def test_balancing_axis(workflow_run):
+    from celltype_bench.figures import figure_methods
+
+    scores = pd.read_csv(workflow_run / "results/tables/scores.csv")
+    sb = scores[(scores.task == "pbmc68k") & (scores.method == "scbalance")]
+    assert set(sb.balancing) == set(TINY["balancing"]["per_method"]["scbalance"])
+    # native strategies resolve to each method's published setting
+    assert set(scores.loc[scores.method == "linear", "balancing"]) == {"class_weight"}
+    assert set(scores.loc[scores.method == "majority", "balancing"]) == {"none"}
+    assert scores["rare_f1"].notna().any()
+    runs = pd.read_csv(workflow_run / "results/tables/runtime.csv")
+    over = runs[(runs.method == "scbalance") & (runs.balancing == "oversample")]
+    assert (over["n_train_balanced"] > over["n_train"]).all()
+    tests = pd.read_csv(workflow_run / "results/tables/balancing_tests.csv")
+    assert set(tests.strategy) == set(TINY["balancing"]["per_method"]["scbalance"])
+    assert tests.groupby(["task", "metric"])["best"].sum().eq(1).all()
+    for task in TINY["tasks"]:
+        for fig in ["balancing", "balancing_per_class"]:
+            png = workflow_run / f"results/figures/{task}_{fig}.png"
+            assert png.stat().st_size > 10_000
+    assert figure_methods(workflow_run / "results/figures/pbmc68k_balancing.png") == ["scbalance"]
+    runtime = pd.read_csv(workflow_run / "results/tables/balancing_runtime.csv")
+    assert set(runtime.strategy) == set(TINY["balancing"]["runtime_sweep"]["strategies"])
+    assert set(runtime.n_cells) == {300, 1000}
+    assert (workflow_run / "results/figures/balancing_runtime.png").stat().st_size > 10_000
 
 
 @pytest.mark.e2e

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
@@ -140,3 +141,145 @@ def figure_methods(png: str | Path) -> list[str]:
     with Image.open(png) as im:
         desc = im.info.get("Description", "")
     return [m for m in desc.removeprefix("methods: ").split(", ") if m]
+
+
+STRATEGY_ORDER = ["none", "class_weight", "weighted_sampling", "oversample", "undersample", "smote"]
+
+
+def _strategy_order(names) -> list[str]:
+    names = list(dict.fromkeys(names))
+    return [s for s in STRATEGY_ORDER if s in names] + sorted(
+        n for n in names if n not in STRATEGY_ORDER
+    )
+
+
+def _p_label(p: float) -> str:
+    if not np.isfinite(p):
+        return "p n/a"
+    return f"p={p:.2g}"
+
+
+def balancing_comparison(scores: str, tests: str, task: str, out: str, dpi: int = 120) -> None:
+    """Macro F1 and rare-class F1 by balancing strategy, per crossed method (scBalance Fig. 1c).
+
+    Each strategy is annotated with the paired t-test p-value against the best alternative.
+    """
+    df = _task_rows(pd.read_csv(scores), task, scores)
+    crossed = [m for m, sub in df.groupby("method") if sub["balancing"].nunique() > 1]
+    if not crossed:
+        raise InputError(
+            f"no method of task '{task}' ran with more than one balancing strategy",
+            file=scores,
+            field="balancing",
+            fix="cross a method with strategies under balancing.per_method in the config",
+        )
+    tt = pd.read_csv(tests)
+    metrics = [("macro_f1", "macro F1"), ("rare_f1", "rare-class F1")]
+    fig, axes = plt.subplots(len(crossed), 2, figsize=(11, 3.8 * len(crossed)), squeeze=False)
+    for row, method in enumerate(crossed):
+        sub = df[df["method"] == method]
+        order = _strategy_order(sub["balancing"])
+        for col, (metric, title) in enumerate(metrics):
+            ax = axes[row, col]
+            data = sub.dropna(subset=[metric])
+            sns.boxplot(
+                data=data, x="balancing", y=metric, order=order, ax=ax, color="0.85", fliersize=0
+            )
+            sns.stripplot(
+                data=data, x="balancing", y=metric, order=order, ax=ax, size=5, color="C0"
+            )
+            t = tt[(tt["task"] == task) & (tt["method"] == method) & (tt["metric"] == metric)]
+            for i, strategy in enumerate(order):
+                hit = t[t["strategy"] == strategy]
+                if hit.empty:
+                    continue
+                h = hit.iloc[0]
+                label = (
+                    "best"
+                    if bool(h["best"])
+                    else f"vs {h['compared_with']}\n{_p_label(h['p_ttest'])}"
+                )
+                ax.text(i, 1.02, label, ha="center", va="bottom", fontsize=7, color="0.3")
+            ax.set_ylim(0, 1.12)
+            ax.set_xlabel("")
+            ax.set_ylabel(title)
+            n = int(data.groupby("balancing").size().max()) if len(data) else 0
+            ax.set_title(f"{task} · {method}: {title} by balancing (n={n})", fontsize=10)
+            plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.tight_layout()
+    _save(fig, out, dpi, crossed)
+
+
+def balancing_per_class(per_class: str, task: str, out: str, dpi: int = 120) -> None:
+    """Per-class F1 vs training cells of the class, one colour per balancing strategy."""
+    df = _task_rows(pd.read_csv(per_class), task, per_class)
+    crossed = [m for m, sub in df.groupby("method") if sub["balancing"].nunique() > 1]
+    if not crossed:
+        raise InputError(
+            f"no method of task '{task}' ran with more than one balancing strategy",
+            file=per_class,
+            field="balancing",
+            fix="cross a method with strategies under balancing.per_method in the config",
+        )
+    df = df[df["method"].isin(crossed) & (df["n_train"] > 0)]
+    agg = df.groupby(["method", "balancing", "label"], as_index=False).agg(
+        f1=("f1", "mean"), n_train=("n_train", "mean")
+    )
+    order = _strategy_order(agg["balancing"])
+    palette = dict(zip(order, sns.color_palette("tab10", len(order)), strict=True))
+    fig, axes = plt.subplots(1, len(crossed), figsize=(7.5 * len(crossed), 4.5), squeeze=False)
+    for ax, method in zip(axes[0], crossed, strict=True):
+        sub = agg[agg["method"] == method]
+        sns.scatterplot(
+            data=sub,
+            x="n_train",
+            y="f1",
+            hue="balancing",
+            hue_order=order,
+            palette=palette,
+            ax=ax,
+            s=35,
+            alpha=0.8,
+        )
+        for strategy, s2 in sub.groupby("balancing"):
+            s2 = s2.sort_values("n_train")
+            smooth = s2["f1"].rolling(3, center=True, min_periods=1).mean()
+            ax.plot(s2["n_train"], smooth, lw=1, alpha=0.7, color=palette[strategy])
+        ax.set_xscale("log")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("training cells of the class (log scale)")
+        ax.set_ylabel("per-class F1 (mean over replicates)")
+        ax.set_title(f"{task} · {method}: per-class F1 by balancing strategy", fontsize=10)
+        ax.legend(fontsize=8, frameon=False, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    _save(fig, out, dpi, order)
+
+
+def balancing_runtime(runtime: str, out: str, dpi: int = 120) -> None:
+    """Seconds each strategy needs for one epoch's balanced data vs training cells (log-log)."""
+    df = pd.read_csv(runtime)
+    if df.empty:
+        raise InputError(
+            "the runtime table is empty", file=runtime, fix="rerun the balancing_runtime rule"
+        )
+    agg = df.groupby(["strategy", "n_cells"], as_index=False)["seconds"].median()
+    order = _strategy_order(agg["strategy"])
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    sns.lineplot(
+        data=agg,
+        x="n_cells",
+        y="seconds",
+        hue="strategy",
+        hue_order=order,
+        style="strategy",
+        markers=True,
+        dashes=False,
+        ax=ax,
+    )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training cells (log scale)")
+    ax.set_ylabel("seconds for one balanced epoch (log scale)")
+    ax.set_title("Balancing running time vs training cells")
+    ax.legend(fontsize=8, frameon=False, bbox_to_anchor=(1.01, 1), loc="upper left")
+    _save(fig, out, dpi, order)

@@ -151,37 +151,50 @@ def train_run(
     split: str,
     replicate: str,
     method: dict[str, Any],
-    balancing: str,
+    balancing: dict[str, Any],
     seed: int,
     out_predictions: str,
     out_run: str,
     out_model: str,
     threads: int = 1,
 ) -> None:
-    """Fit one method on one replicate's training cells and predict its test cells."""
+    """Fit one method with one balancing strategy on one replicate; predict its test cells."""
     import torch
 
-    from .methods import create
+    from . import balancing as bal
+    from .methods import create, get
 
     log = logging.getLogger(LOGGER_NAME)
     torch.set_num_threads(max(1, threads))
-    if balancing != "none":
-        raise InputError(f"unknown balancing '{balancing}'", field="balancing", fix="use 'none'")
     if method.get("module"):
         from .workflow_config import import_method_module
 
         import_method_module(method["module"])
     parts = load_run_data(data, split, replicate)
-    from .methods import get
-
-    params = dict(method.get("params", {}))
+    strategy = balancing["strategy"]
+    params = bal.configure(method["name"], dict(method.get("params", {})), strategy)
     if "seed" in get(method["name"]).default_params:
         params.setdefault("seed", seed)
     est = create(method["name"], **params)
     train, valid, test = parts["train"], parts["valid"], parts["test"]
+    n_train_orig = int(train.n_obs)
+    t0 = time.perf_counter()
+    if strategy in bal.RESAMPLERS or strategy == "external":
+        train = bal.resample_adata(
+            train,
+            strategy,
+            seed=seed,
+            external=balancing.get("class"),
+            params=balancing.get("params"),
+        )
+        log.info(
+            "balancing %s: %d -> %d training cells", balancing["name"], n_train_orig, train.n_obs
+        )
+    balance_s = time.perf_counter() - t0
     log.info(
-        "method %s params %s: train %d, valid %d, test %d cells",
+        "method %s, balancing %s, params %s: train %d, valid %d, test %d cells",
         method["name"],
+        balancing["name"],
         params,
         train.n_obs,
         0 if valid is None else valid.n_obs,
@@ -201,10 +214,12 @@ def train_run(
         "params": params,
         "seed": seed,
         "replicate": replicate,
-        "balancing": balancing,
-        "n_train": int(train.n_obs),
+        "balancing": balancing["name"],
+        "n_train": n_train_orig,
+        "n_train_balanced": int(train.n_obs),
         "n_valid": 0 if valid is None else int(valid.n_obs),
         "n_test": int(test.n_obs),
+        "balance_seconds": balance_s,
         "fit_seconds": fit_s,
         "predict_seconds": predict_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -220,7 +235,15 @@ def train_run(
     )
 
 
-def score_run(*, predictions: str, data: str, split: str, replicate: str, out: str) -> None:
+def score_run(
+    *,
+    predictions: str,
+    data: str,
+    split: str,
+    replicate: str,
+    out: str,
+    rare_fraction: float = 0.05,
+) -> None:
     """Score one predictions file: plain and ontology-corrected metrics, per-class F1."""
     import anndata as ad
 
@@ -250,6 +273,7 @@ def score_run(*, predictions: str, data: str, split: str, replicate: str, out: s
             fix="write the obs names of the processed dataset's test cells",
         )
     scores = score_predictions(pred, label_to_cl, train_counts, load_ontology())
+    scores.update(rare_class_f1(scores["per_class"], train_counts, rare_fraction))
     logging.getLogger(LOGGER_NAME).info(
         "macro F1 %.4f (ontology-corrected %.4f), accuracy %.4f, ECE %.4f",
         scores["macro_f1"],
@@ -260,8 +284,32 @@ def score_run(*, predictions: str, data: str, split: str, replicate: str, out: s
     io.write_json(scores, out)
 
 
+def rare_class_f1(
+    per_class: list[dict[str, Any]], train_counts: dict[str, int], rare_fraction: float
+) -> dict[str, Any]:
+    """Mean F1 over rare test classes: fewer than ``rare_fraction`` of training cells (scBalance)."""
+    total = sum(train_counts.values())
+    rare = [
+        pc for pc in per_class if total and train_counts.get(pc["label"], 0) < rare_fraction * total
+    ]
+    return {
+        "rare_f1": float(np.mean([pc["f1"] for pc in rare])) if rare else None,
+        "n_rare_classes": len(rare),
+        "rare_fraction": rare_fraction,
+    }
+
+
 # ---- tables ------------------------------------------------------------------------------
-SCORE_COLUMNS = ["accuracy", "macro_f1", "macro_f1_ontology", "weighted_f1", "ece", "n_test"]
+SCORE_COLUMNS = [
+    "accuracy",
+    "macro_f1",
+    "macro_f1_ontology",
+    "rare_f1",
+    "n_rare_classes",
+    "weighted_f1",
+    "ece",
+    "n_test",
+]
 
 
 def _read_benchmark(path: Path) -> dict[str, float]:
@@ -289,7 +337,7 @@ def aggregate(
         base = dict(run)
         base["control"] = bool(meta.get("control", False))
         base["uses_unlabeled"] = bool(meta.get("uses_unlabeled", False))
-        rows.append({**base, **{k: scores[k] for k in SCORE_COLUMNS}})
+        rows.append({**base, **{k: scores.get(k) for k in SCORE_COLUMNS}})
         for pc in scores["per_class"]:
             per_class.append({**run, **pc})
         run_json = Path(path).with_name("run.json")
@@ -305,6 +353,8 @@ def aggregate(
             {
                 **run,
                 "n_train": info.get("n_train"),
+                "n_train_balanced": info.get("n_train_balanced"),
+                "balance_seconds": info.get("balance_seconds"),
                 "fit_seconds": info.get("fit_seconds"),
                 "predict_seconds": info.get("predict_seconds"),
                 "peak_rss_mb": info.get("peak_rss_mb"),
@@ -321,7 +371,9 @@ def aggregate(
 def summarise(scores: pd.DataFrame) -> pd.DataFrame:
     """Mean and sd over replicates per task x method x balancing."""
     keys = ["task", "method", "balancing", "control", "uses_unlabeled"]
-    metrics = ["macro_f1", "macro_f1_ontology", "accuracy", "ece"]
+    metrics = [
+        m for m in ["macro_f1", "macro_f1_ontology", "rare_f1", "accuracy", "ece"] if m in scores
+    ]
     g = scores.groupby(keys, observed=True)[metrics]
     out = g.mean().add_suffix("_mean").join(g.std(ddof=1).add_suffix("_sd")).reset_index()
     out["n_replicates"] = g.size().to_numpy()
@@ -334,7 +386,7 @@ def summary_html(summary: str, out: str) -> None:
     """The summary table as a small standalone HTML page for the report."""
     df = pd.read_csv(summary)
     fmt = df.copy()
-    for m in ["macro_f1", "macro_f1_ontology", "accuracy", "ece"]:
+    for m in ["macro_f1", "macro_f1_ontology", "rare_f1", "accuracy", "ece"]:
         fmt[m] = [
             f"{a:.3f} ± {b:.3f}" if np.isfinite(b) else f"{a:.3f}"
             for a, b in zip(df[f"{m}_mean"], df[f"{m}_sd"], strict=True)
@@ -349,6 +401,7 @@ def summary_html(summary: str, out: str) -> None:
             "n_replicates",
             "macro_f1",
             "macro_f1_ontology",
+            "rare_f1",
             "accuracy",
             "ece",
         ]
@@ -359,9 +412,9 @@ def summary_html(summary: str, out: str) -> None:
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body>"
         "<h2>Scores (mean ± sd over replicates)</h2>"
         "<p>Controls (majority class, random labels) anchor each task. 'macro_f1_ontology' counts a "
-        "prediction of the true type or one of its descendants as right (scTab's rule).</p>"
-        + fmt.to_html(index=False, border=0)
-        + "</body></html>"
+        "prediction of the true type or one of its descendants as right (scTab's rule); 'rare_f1' is "
+        "the mean F1 of classes with under 5% of the training cells (scBalance's definition, "
+        "configurable).</p>" + fmt.to_html(index=False, border=0) + "</body></html>"
     )
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(out).with_name(Path(out).name + ".tmp")
@@ -377,3 +430,34 @@ def run_logged(log_path: str | None, step, **kwargs) -> None:
     except Exception:
         logger.exception("step %s failed", step.__name__)
         raise
+
+
+def balancing_tests(*, scores: str, out: str) -> None:
+    """Paired tests of each balancing strategy against the best alternative, per task x method."""
+    from .stats import paired_strategy_tests
+
+    io.write_table(paired_strategy_tests(pd.read_csv(scores)), out)
+
+
+def balancing_runtime_sweep(
+    *, sizes: list[int], strategies: list[str], out: str, seed: int = 0, repeats: int = 1
+) -> None:
+    """Time each strategy on nested census-like subsets of increasing size (scBalance Fig. 1d)."""
+    from .balancing import time_strategies
+    from .data.preprocess import preprocess
+    from .data.sources import generate_census_like
+
+    log = logging.getLogger(LOGGER_NAME)
+    sizes = sorted(int(s) for s in sizes)
+    log.info("generating a census-like corpus of %d cells", sizes[-1])
+    adata = preprocess(generate_census_like(n_cells=sizes[-1], seed=seed), min_genes=1)
+    codes, _ = pd.factorize(adata.obs["cell_type"].astype(str), sort=True)
+    order = np.random.default_rng(seed).permutation(adata.n_obs)
+    frames = []
+    for n in sizes:
+        idx = np.sort(order[: min(n, adata.n_obs)])
+        X, y = adata.X[idx], codes[idx]
+        t = time_strategies(X, y, strategies, seed=seed, repeats=repeats)
+        log.info("%d cells:\n%s", len(idx), t.to_string(index=False))
+        frames.append(t)
+    io.write_table(pd.concat(frames, ignore_index=True), out)

@@ -1,7 +1,22 @@
 """The shared torch training loop: device choice, seeding, batching, early stopping, logging.
 
-Data stay sparse (scipy CSR) at rest; every batch is densified on its own and moved to the
-device, so memory is bounded by ``batch_size x n_genes`` whatever the number of cells.
+Data stay sparse (scipy CSR) at rest. Batches are formed chunk by chunk: the rows of up to
+``CHUNK_BATCHES`` consecutive batches are gathered from the CSR matrix in one call, densified
+once into a float32 tensor of at most ``CHUNK_BYTES`` (``chunk_cells x n_genes``), and the
+batches are then views (row slices) of that tensor. The batches are exactly those of densifying
+each batch on its own; only the number of scipy / numpy -> torch calls changes. Memory is
+bounded by the chunk whatever the number of cells. Prediction densifies consecutive rows in
+batches of at most ``PREDICT_BYTES``.
+
+Adam / AdamW run with torch's fused kernel unless the caller chose an implementation
+(:func:`use_fused_kernel`): same update rule, fewer ops per step.
+
+Where the time goes (scBalance's 765-128-64-32 network, batch 128, 2 cores, idle): about 1.8 ms
+per step, of which the three Dropout layers' Bernoulli draws take 0.4 ms and the first Linear
+(forward + weight gradient) 0.5 ms; batching takes under 0.1 ms per step. Torch runs these
+small ops with OpenMP: when another process occupies a core, 2 intra-op threads make each step
+10-40 times slower (threads wait for each other), so give a job as many torch threads as it
+has cores to itself.
 """
 
 from __future__ import annotations
@@ -24,6 +39,19 @@ from .errors import InputError
 LOGGER_NAME = "celltype_bench"
 
 Sampler = Callable[[np.random.Generator], np.ndarray]
+
+CHUNK_BATCHES = 64
+"""Batches densified together (at most; see ``CHUNK_BYTES``)."""
+CHUNK_BYTES = 4 * 2**20
+"""Upper bound of one dense float32 training chunk (``chunk_cells x n_genes x 4`` bytes).
+
+Measured on 20,000 cells x 765 genes, batch 128, 2 cores: gathering + densifying an epoch
+costs 24 ms batch by batch, 12 ms in chunks of 1.5-4.5 MiB (8 batches), but 41-50 ms in
+chunks of 9-24 MiB (fresh pages and cache misses outweigh the saved calls)."""
+PREDICT_BYTES = 4 * 2**20
+"""Upper bound of one dense float32 prediction batch (caps ``batch_size``; 1,370 cells of 765
+genes). Predicting 5,000 such cells from CSR: 16 ms with 4 MiB batches, 41 ms with 4,096-cell
+(12 MiB) batches, the difference being fresh pages touched by each large dense block."""
 
 
 def get_logger() -> logging.Logger:
@@ -77,10 +105,25 @@ def as_csr(X: Any) -> sp.csr_matrix:
     return sp.csr_matrix(np.asarray(X, dtype=np.float32))
 
 
-def densify(X: sp.csr_matrix, rows: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Densify the given rows of a CSR matrix into a float32 tensor on ``device``."""
-    block = X[rows].toarray().astype(np.float32, copy=False)
+def densify(X: sp.csr_matrix, rows: np.ndarray | slice, device: torch.device) -> torch.Tensor:
+    """Densify the given rows (index array or slice) of a CSR matrix into a float32 tensor."""
+    block = X[rows].toarray()
+    if block.dtype != np.float32:
+        block = block.astype(np.float32)
     return torch.from_numpy(block).to(device)
+
+
+def chunk_cells(
+    n_genes: int,
+    batch_size: int,
+    chunk_batches: int = CHUNK_BATCHES,
+    max_bytes: int = CHUNK_BYTES,
+) -> int:
+    """Cells densified at once: a multiple of ``batch_size``, at most ``chunk_batches`` batches
+    and ``max_bytes`` of float32 (but always at least one batch)."""
+    per_batch = max(1, int(batch_size) * max(1, int(n_genes)) * 4)
+    k = max(1, min(int(chunk_batches), int(max_bytes) // per_batch))
+    return k * int(batch_size)
 
 
 def iterate_minibatches(
@@ -92,30 +135,86 @@ def iterate_minibatches(
     indices: np.ndarray | None = None,
     device: torch.device | str = "cpu",
     min_batch: int = 1,
+    chunk_batches: int = CHUNK_BATCHES,
+    max_chunk_bytes: int = CHUNK_BYTES,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Yield ``(x, y)`` tensors batch by batch, each batch densified on its own.
+    """Yield ``(x, y)`` tensors batch by batch: dense float32 ``x``, int64 ``y``.
 
     Order: ``indices`` if given (e.g. from a weighted sampler; may repeat cells), else a
     permutation drawn from ``rng``, else the natural order. A trailing batch smaller than
     ``min_batch`` is dropped (BatchNorm cannot train on one cell).
+
+    The rows of up to ``chunk_batches`` batches (and ``max_chunk_bytes`` of float32) are
+    gathered and densified in one call; batches are row-slice views of that chunk (each chunk
+    row belongs to exactly one batch). ``chunk_batches=1`` densifies batch by batch. The
+    yielded batches are the same whatever the chunking.
     """
     X = as_csr(X)
     device = torch.device(device)
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}", field="batch_size")
     n = X.shape[0]
+    natural = indices is None and rng is None
     if indices is None:
         indices = rng.permutation(n) if rng is not None else np.arange(n)
     indices = np.asarray(indices, dtype=np.int64)
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}", field="batch_size")
-    for start in range(0, len(indices), batch_size):
-        rows = indices[start : start + batch_size]
-        if len(rows) < min_batch:
-            break
-        xb = densify(X, rows, device)
-        yb = (
-            None if y is None else torch.from_numpy(np.asarray(y)[rows].astype(np.int64)).to(device)
-        )
-        yield xb, yb
+    n_idx = len(indices)
+    if batch_size < min_batch:
+        return  # every batch would be dropped
+    tail = n_idx % batch_size
+    stop = n_idx - tail if 0 < tail < min_batch else n_idx
+    chunk = chunk_cells(X.shape[1], batch_size, chunk_batches, max_chunk_bytes)
+    y_all = None if y is None else torch.from_numpy(np.asarray(y).astype(np.int64, copy=False))
+    for c0 in range(0, stop, chunk):
+        c1 = min(c0 + chunk, stop)
+        rows = indices[c0:c1]
+        xc = densify(X, slice(c0, c1) if natural else rows, device)
+        yc = None if y_all is None else y_all[torch.from_numpy(rows)].to(device)
+        for b0 in range(0, c1 - c0, batch_size):
+            b1 = b0 + batch_size
+            yield xc[b0:b1], (None if yc is None else yc[b0:b1])
+
+
+_FUSABLE = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def use_fused_kernel(optimizer: torch.optim.Optimizer) -> bool:
+    """Switch an Adam / AdamW optimizer to torch's fused kernel if no implementation was chosen.
+
+    The update rule is the same (Adam / AdamW, same hyper-parameters); the fused kernel does it
+    in one pass per parameter instead of about ten tensor ops, several times faster for small
+    networks on CPU (scBalance's: 0.65 -> 0.26 ms per step). Rounding differs from the for-loop
+    implementation in the last bits; results stay deterministic per seed. Left alone: other
+    optimizers, an explicit ``foreach``/``fused``/``capturable``/``differentiable`` choice, an
+    optimizer that has already stepped, parameters on devices without fused kernels.
+    Returns True if switched.
+    """
+    if type(optimizer) not in _FUSABLE or optimizer.state:
+        return False
+    groups = optimizer.param_groups
+    for g in groups:
+        chosen = g.get("foreach") is not None or g.get("fused") is not None
+        if chosen or g.get("capturable") or g.get("differentiable"):
+            return False
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # pragma: no cover - older / newer torch
+        return False
+    params = [p for g in groups for p in g["params"]]
+    if not params or not all(
+        type(p) in (torch.Tensor, nn.Parameter)
+        and p.device.type in devices
+        and torch.is_floating_point(p)
+        for p in params
+    ):
+        return False
+    for g in groups:
+        g["fused"] = True
+    optimizer.defaults["fused"] = True
+    optimizer._step_supports_amp_scaling = True  # as Adam.__init__(fused=True) sets
+    return True
 
 
 def _macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -147,6 +246,7 @@ def fit_torch(
     seed: int = 0,
     logger: logging.Logger | None = None,
     class_weights: np.ndarray | torch.Tensor | None = None,
+    fused_optimizer: bool = True,
 ) -> list[dict[str, Any]]:
     """Train ``model`` on sparse ``X_train`` with integer labels ``y_train``.
 
@@ -159,6 +259,9 @@ def fit_torch(
       default is a uniform shuffle.
     - With validation data, the validation macro F1 is computed every epoch, the best state is
       restored at the end, and training stops after ``patience`` epochs without improvement.
+    - ``fused_optimizer``: run Adam / AdamW with torch's fused kernel when the optimizer did not
+      choose an implementation (see :func:`use_fused_kernel`: same update rule, faster).
+    - Batches: see :func:`iterate_minibatches` (chunked densification, same batches).
 
     Returns one dict per epoch: epoch, loss, val_macro_f1 (None without validation), seconds,
     cells (seen this epoch), cells_per_s, lr. Deterministic on CPU for a given seed.
@@ -185,6 +288,8 @@ def fit_torch(
     model.to(device)
     if not isinstance(optimizer, torch.optim.Optimizer):
         optimizer = optimizer(model.parameters())
+    if fused_optimizer:
+        use_fused_kernel(optimizer)
     if scheduler is not None and callable(scheduler) and not hasattr(scheduler, "step"):
         scheduler = scheduler(optimizer)
     if loss_fn is None:
@@ -279,8 +384,13 @@ def predict_proba_torch(
     batch_size: int = 4096,
     device: torch.device | str | None = None,
 ) -> np.ndarray:
-    """Softmax class probabilities (cells x classes, float64), in eval mode, batch by batch."""
+    """Softmax class probabilities (cells x classes, float64), in eval mode, batch by batch.
+
+    ``X`` stays sparse; batches of consecutive rows are densified one at a time, each of at
+    most ``batch_size`` rows and ``PREDICT_BYTES`` of float32.
+    """
     X = as_csr(X)
+    batch_size = min(int(batch_size), max(1, PREDICT_BYTES // (4 * max(1, X.shape[1]))))
     if device is None:
         try:
             device = next(model.parameters()).device
@@ -292,7 +402,7 @@ def predict_proba_torch(
     model.eval()
     out: list[np.ndarray] = []
     try:
-        for xb, _ in iterate_minibatches(X, None, batch_size, device=device):
+        for xb, _ in iterate_minibatches(X, None, batch_size, device=device, chunk_batches=1):
             out.append(torch.softmax(model(xb).float(), dim=1).cpu().numpy().astype(np.float64))
     finally:
         model.train(was_training)

@@ -63,6 +63,7 @@ class WorkflowConfig:
             get(name).check_params(
                 spec.get("params", {}), where=f"{self.source}: methods.{key}.params"
             )
+        self._check_balancing()
         for task, spec in self.tasks.items():
             if spec["dataset"] not in self.datasets:
                 raise InputError(
@@ -79,6 +80,104 @@ class WorkflowConfig:
                         field=f"tasks.{task}.methods",
                         fix=f"use one of {sorted(self.methods)}",
                     )
+
+    def _check_balancing(self) -> None:
+        from . import balancing
+
+        bal = self.balancing
+        for key in bal.get("per_method", {}):
+            if key not in self.methods:
+                raise InputError(
+                    f"balancing set for unknown method '{key}'",
+                    file=self.source,
+                    field=f"balancing.per_method.{key}",
+                    fix=f"use one of {sorted(self.methods)}",
+                )
+        externals = bal.get("external", {})
+        for name in externals:
+            if name in balancing.STRATEGIES or name == "native":
+                raise InputError(
+                    f"external balancer '{name}' shadows a built-in strategy",
+                    file=self.source,
+                    field=f"balancing.external.{name}",
+                    fix="give the external balancer another name",
+                )
+        for key in self.python_methods:
+            for strategy in self.balancings_for(key, resolve=False):
+                where = (
+                    f"balancing.per_method.{key}"
+                    if key in bal.get("per_method", {})
+                    else "balancing.default"
+                )
+                if (
+                    strategy != "native"
+                    and strategy not in balancing.STRATEGIES
+                    and strategy not in externals
+                ):
+                    raise InputError(
+                        f"unknown balancing strategy '{strategy}'",
+                        file=self.source,
+                        field=where,
+                        fix=f"use one of {['native', *balancing.STRATEGIES, *externals]}",
+                    )
+                concrete = self.resolve_balancing(key, strategy)
+                try:
+                    balancing.configure(
+                        self.method_spec(key)["name"],
+                        self.method_spec(key)["params"],
+                        "external" if concrete in externals else concrete,
+                    )
+                except InputError as exc:
+                    raise InputError(
+                        exc.problem, file=self.source, field=where, fix=exc.fix
+                    ) from None
+
+    @property
+    def balancing(self) -> dict[str, Any]:
+        return dict(self.raw.get("balancing") or {"default": ["native"]})
+
+    def resolve_balancing(self, key: str, strategy: str) -> str:
+        """'native' becomes the method's own published setting; other names stay."""
+        if strategy != "native":
+            return strategy
+        spec = self.methods[key]
+        if spec.get("external"):
+            return "none"
+        from .balancing import resolve
+
+        return resolve("native", self.method_spec(key)["name"])
+
+    def balancings_for(self, key: str, resolve: bool = True) -> list[str]:
+        """Balancing strategies a method runs with (resolved to concrete names)."""
+        bal = self.balancing
+        names = bal.get("per_method", {}).get(key, bal.get("default", ["native"]))
+        if self.methods[key].get("external"):
+            names = ["native"]
+        if not resolve:
+            return list(names)
+        out: list[str] = []
+        for n in names:
+            c = self.resolve_balancing(key, n)
+            if c not in out:
+                out.append(c)
+        return out
+
+    def balancing_spec(self, name: str) -> dict[str, Any]:
+        """What the train step needs to apply a strategy (external ones carry their class)."""
+        ext = self.balancing.get("external", {})
+        if name in ext:
+            return {
+                "strategy": "external",
+                "name": name,
+                "class": ext[name]["class"],
+                "params": dict(ext[name].get("params", {})),
+            }
+        return {"strategy": name, "name": name}
+
+    @property
+    def crossed_methods(self) -> list[str]:
+        """Methods run with more than one balancing strategy (they get balancing figures)."""
+        return [k for k in self.methods if len(self.balancings_for(k)) > 1]
 
     # ---- per-run settings -----------------------------------------------------------------
     @property
@@ -128,7 +227,7 @@ class WorkflowConfig:
         runs = []
         for task in self.tasks:
             for method in self.methods_for(task):
-                for balancing in self.raw.get("balancing", ["none"]):
+                for balancing in self.balancings_for(method):
                     for i in range(self.n_replicates(task)):
                         runs.append(
                             {
@@ -178,6 +277,13 @@ class WorkflowConfig:
         for task in self.tasks:
             targets.append(f"results/figures/{task}_method_comparison.png")
             targets.append(f"results/figures/{task}_f1_vs_train_cells.png")
+            if any(m in self.crossed_methods for m in self.methods_for(task)):
+                targets.append(f"results/figures/{task}_balancing.png")
+                targets.append(f"results/figures/{task}_balancing_per_class.png")
+        if self.crossed_methods:
+            targets.append("results/tables/balancing_tests.csv")
+        if self.balancing.get("runtime_sweep"):
+            targets.append("results/figures/balancing_runtime.png")
         return targets
 
 

@@ -141,7 +141,8 @@ def _check_var_names(expected: list[str], adata: ad.AnnData, role: str) -> None:
 class Method(abc.ABC):
     """Base class of all annotation methods.
 
-    Subclasses set ``default_params`` (every accepted parameter with its default) and
+    Subclasses set ``default_params`` (every accepted parameter with its default), optionally
+    ``native_balancing`` / ``supported_weightings`` / ``balancing_params``, and
     implement ``_fit(X, y, X_valid, y_valid)`` (CSR matrices, integer codes into ``classes_``)
     and ``_predict_proba(X) -> ndarray``; optionally ``_state``/``_set_state`` (small
     JSON-able state) and ``_save_weights``/``_load_weights``.
@@ -150,6 +151,13 @@ class Method(abc.ABC):
     name: ClassVar[str] = "method"
     uses_unlabeled: ClassVar[bool] = False
     is_control: ClassVar[bool] = False
+    # Class imbalance (celltype_bench.balancing): the method's published setting, the
+    # in-training weightings it implements ('class_weight', 'weighted_sampling'), and the
+    # boolean parameter that switches each on. Every method also runs with 'none' and with
+    # data-level resampling; balancing.configure sets these parameters per strategy.
+    native_balancing: ClassVar[str] = "none"
+    supported_weightings: ClassVar[frozenset[str]] = frozenset()
+    balancing_params: ClassVar[dict[str, str]] = {}
     default_params: ClassVar[dict[str, Any]] = {}
     nullable_params: ClassVar[frozenset[str]] = frozenset()
 

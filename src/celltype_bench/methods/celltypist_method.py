@@ -19,6 +19,16 @@ facts sheet and celltypist's source:
   function, sigmoid. Celltypist's per-class sigmoid "probabilities" do not sum to 1; rows are
   divided by their sum (as scikit-learn's one-vs-rest ``predict_proba`` does); argmax is
   unchanged.
+- Balancing: celltypist supports the 'weighted_sampling' strategy through its own
+  ``balance_cell_type=True`` (``celltype_bench.balancing.configure`` sets it), which is
+  celltypist's mini-batch balancing, NOT scBalance's sampler: each epoch celltypist draws
+  ``min(batch_number * batch_size, n)`` cells WITHOUT replacement with probability
+  proportional to 1/(class size) and cuts them into mini-batches. When the training set has
+  at most ``batch_number * batch_size`` cells (100,000 by default) every epoch still holds
+  every cell exactly once: the weights only move rare cells to earlier mini-batches and the
+  class mix per epoch stays the training frequencies (logged as a warning). Without
+  mini-batches (the small-data fallback) it has no effect (also logged). 'class_weight' is
+  not supported (celltypist's SGD gets no class weights).
 - Saved with the model's own ``write()`` (celltypist's pickle format) beside ``method.json``.
 
 Celltypist's log messages go to the ``celltype_bench`` logger at DEBUG (warnings stay warnings)
@@ -98,6 +108,10 @@ def _celltypist_logs_to(target: logging.Logger):
 class CellTypist(Method):
     """CellTypist SGD logistic regression (mini-batch, optional feature selection)."""
 
+    native_balancing = "none"
+    supported_weightings = frozenset({"weighted_sampling"})
+    balancing_params = {"weighted_sampling": "balance_cell_type"}
+
     default_params = {
         "feature_selection": True,
         "top_genes": 300,
@@ -138,6 +152,21 @@ class CellTypist(Method):
                 batch_size,
             )
             mini_batch = False
+        if p["balance_cell_type"]:
+            if not mini_batch:
+                self.logger.warning(
+                    "celltypist: balance_cell_type has no effect without mini-batches "
+                    "(plain SGD over all cells)"
+                )
+            elif n_cells <= p["batch_number"] * batch_size:
+                self.logger.warning(
+                    "celltypist: balance_cell_type with %d training cells <= batch_number x "
+                    "batch_size (%d): every epoch still holds every cell once, so it only "
+                    "reorders the mini-batches (rare cells first); the class mix per epoch is "
+                    "unchanged",
+                    n_cells,
+                    p["batch_number"] * batch_size,
+                )
         n_expressed = int(np.count_nonzero(np.asarray(X.getnnz(axis=0))))
         feature_selection = p["feature_selection"]
         if feature_selection and n_expressed <= p["top_genes"]:

@@ -3,6 +3,9 @@
 - ``majority``: always the most frequent training class, with probability 1.
 - ``random``: labels drawn by the training class frequencies (seeded); the probability row is
   the one-hot of the drawn label, so calibration metrics (ECE) score the hard guess.
+
+Balancing: controls have no training loop, so they support only 'none' and the data-level
+strategies (resampling changes the class frequencies they learn).
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ class _FrequencyControl(Method):
     """Shared state: the training class frequencies."""
 
     is_control = True
+    native_balancing = "none"
+    supported_weightings = frozenset()
+    balancing_params = {}
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)

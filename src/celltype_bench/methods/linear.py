@@ -3,6 +3,10 @@
 Class-weighted cross-entropy with weights ``n_samples / (n_classes * n_c)`` (scTab), AdamW
 (lr 5e-4, weight decay 0.01), batch 2048, StepLR gamma 0.9 per epoch, best checkpoint by
 validation macro F1 with early stopping (``patience``).
+
+Balancing switches (``celltype_bench.balancing.configure`` sets them per strategy):
+``class_weighted`` (default True, scTab's setting) and ``weighted_sampling`` (default False:
+scBalance's sampler, each epoch drawn with replacement with cell probability 1/(class size)).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from ..balancing import class_weights, epoch_indices
 from ..training import fit_torch, seed_everything
 from .base import TorchMethod
 from .registry import register
@@ -21,17 +26,16 @@ from .registry import register
 
 def balanced_class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     """scTab's class weights ``n_samples / (n_classes * n_c)`` (0 for a class with no cells)."""
-    counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=n_classes).astype(np.float64)
-    with np.errstate(divide="ignore"):
-        w = len(y) / (n_classes * counts)
-    w[counts == 0] = 0.0
-    return w
+    return class_weights(y, n_classes)
 
 
 @register("linear")
 class Linear(TorchMethod):
     """Linear classifier trained with class-weighted cross-entropy."""
 
+    native_balancing = "class_weight"
+    supported_weightings = frozenset({"class_weight", "weighted_sampling"})
+    balancing_params = {"class_weight": "class_weighted", "weighted_sampling": "weighted_sampling"}
     default_params = {
         "epochs": 20,
         "batch_size": 2048,
@@ -40,6 +44,7 @@ class Linear(TorchMethod):
         "gamma": 0.9,
         "patience": 5,
         "class_weighted": True,
+        "weighted_sampling": False,
         "seed": 0,
         "device": "auto",
     }
@@ -64,6 +69,7 @@ class Linear(TorchMethod):
         module = self._build_module(X.shape[1], len(self.classes_))
         k = len(self.classes_)
         self.class_weights_ = balanced_class_weights(y, k) if p["class_weighted"] else np.ones(k)
+        sampler = (lambda rng: epoch_indices(y, rng)) if p["weighted_sampling"] else None
         self.history_ = fit_torch(
             module,
             X,
@@ -77,6 +83,7 @@ class Linear(TorchMethod):
                 opt, step_size=1, gamma=p["gamma"]
             ),
             class_weights=self.class_weights_,
+            sampler=sampler,
             epochs=p["epochs"],
             batch_size=p["batch_size"],
             patience=p["patience"],

@@ -7,7 +7,9 @@
   ELU, Dropout(0.5). Dropout is off at prediction (eval mode).
 - Adam lr 0.005, batch 128, 20 epochs. Input: log1p(CP10k) ``X``.
 
-``weighted_sampling=False`` replaces the sampler by uniform shuffling (ablation). With a
+``weighted_sampling=False`` replaces the sampler by uniform shuffling (ablation);
+``class_weighted=True`` weights the cross-entropy by ``n / (k * n_c)`` (off in the paper).
+``celltype_bench.balancing.configure`` sets both per balancing strategy. With a
 validation set the shared loop also keeps the epoch with the best validation macro F1 (no early
 stopping), the benchmark's common model-selection protocol.
 """
@@ -21,9 +23,12 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from ..balancing import class_balanced_weights, class_weights, epoch_indices
 from ..training import fit_torch, seed_everything
 from .base import TorchMethod
 from .registry import register
+
+__all__ = ["ScBalance", "ScBalanceNet", "class_balanced_weights", "epoch_indices"]
 
 HIDDEN = (128, 64, 32)
 DROPOUT = 0.5
@@ -48,38 +53,19 @@ class ScBalanceNet(nn.Sequential):
         super().__init__(*layers)
 
 
-def class_balanced_weights(y: np.ndarray) -> np.ndarray:
-    """Per-cell sampling weight 1/(size of the cell's class)."""
-    y = np.asarray(y, dtype=np.int64)
-    counts = np.bincount(y)
-    return 1.0 / counts[y]
-
-
-def epoch_indices(
-    y: np.ndarray, rng: np.random.Generator, weighted: bool = True, n_draws: int | None = None
-) -> np.ndarray:
-    """One epoch's cell indices.
-
-    ``weighted=True`` (scBalance): ``n_draws`` (default: number of cells) draws with replacement,
-    cell probability proportional to 1/(class size), so classes are about equally represented.
-    ``weighted=False``: a uniform shuffle of all cells (class mix follows class frequencies).
-    """
-    n = len(y)
-    if not weighted:
-        return rng.permutation(n)
-    w = class_balanced_weights(y)
-    return rng.choice(n, size=n if n_draws is None else n_draws, replace=True, p=w / w.sum())
-
-
 @register("scbalance")
 class ScBalance(TorchMethod):
     """scBalance: weighted random sampling + a 3-hidden-layer dropout network."""
 
+    native_balancing = "weighted_sampling"
+    supported_weightings = frozenset({"class_weight", "weighted_sampling"})
+    balancing_params = {"class_weight": "class_weighted", "weighted_sampling": "weighted_sampling"}
     default_params = {
         "epochs": 20,
         "batch_size": 128,
         "lr": 0.005,
         "weighted_sampling": True,
+        "class_weighted": False,
         "seed": 0,
         "device": "auto",
     }
@@ -98,13 +84,15 @@ class ScBalance(TorchMethod):
         seed_everything(p["seed"])
         module = self._build_module(X.shape[1], len(self.classes_))
         weighted = p["weighted_sampling"]
+        weights = class_weights(y, len(self.classes_)) if p["class_weighted"] else None
         self.history_ = fit_torch(
             module,
             X,
             y,
             X_valid=X_valid,
             y_valid=y_valid,
-            loss_fn=nn.CrossEntropyLoss(),
+            loss_fn=None if weights is not None else nn.CrossEntropyLoss(),
+            class_weights=weights,
             optimizer=lambda params: torch.optim.Adam(params, lr=p["lr"]),
             sampler=lambda rng: epoch_indices(y, rng, weighted=weighted),
             epochs=p["epochs"],

@@ -1,0 +1,16 @@
+# Balancing as a stage of its own: how long each strategy takes as training sets grow
+# (scBalance Fig. 1d). The strategies' effect on accuracy comes from the train/score rules.
+rule balancing_runtime:
+    output:
+        "results/tables/balancing_runtime.csv",
+    params:
+        sweep=BENCH.balancing.get("runtime_sweep", {}),
+    threads: 1
+    log:
+        "logs/balancing_runtime.log",
+    benchmark:
+        "results/benchmarks/balancing_runtime.tsv"
+    conda:
+        "../envs/bench.yaml"
+    script:
+        "../scripts/balancing_runtime.py"
