@@ -194,17 +194,17 @@ def balancing_comparison(scores: str, tests: str, task: str, out: str, dpi: int 
                 if hit.empty:
                     continue
                 h = hit.iloc[0]
-                label = (
-                    "best"
-                    if bool(h["best"])
-                    else f"vs {h['compared_with']}\n{_p_label(h['p_ttest'])}"
-                )
+                label = "best" if bool(h["best"]) else _p_label(h["p_ttest"])
                 ax.text(i, 1.02, label, ha="center", va="bottom", fontsize=7, color="0.3")
             ax.set_ylim(0, 1.12)
             ax.set_xlabel("")
             ax.set_ylabel(title)
             n = int(data.groupby("balancing").size().max()) if len(data) else 0
-            ax.set_title(f"{task} · {method}: {title} by balancing (n={n})", fontsize=10)
+            ax.set_title(
+                f"{task} · {method}: {title} by balancing (n={n})\n"
+                "p: paired t-test against the best strategy",
+                fontsize=9,
+            )
             plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     fig.tight_layout()
     _save(fig, out, dpi, crossed)
