@@ -159,20 +159,26 @@ def _p_label(p: float) -> str:
     return f"p={p:.2g}"
 
 
+def _crossed_methods(df: pd.DataFrame, task: str, path: str) -> list[str]:
+    """Methods of a task run with more than one balancing strategy; InputError if none."""
+    crossed = [m for m, sub in df.groupby("method") if sub["balancing"].nunique() > 1]
+    if not crossed:
+        raise InputError(
+            f"no method of task '{task}' ran with more than one balancing strategy",
+            file=path,
+            field="balancing",
+            fix="cross a method with strategies under balancing.per_method in the config",
+        )
+    return crossed
+
+
 def balancing_comparison(scores: str, tests: str, task: str, out: str, dpi: int = 120) -> None:
     """Macro F1 and rare-class F1 by balancing strategy, per crossed method (scBalance Fig. 1c).
 
     Each strategy is annotated with the paired t-test p-value against the best alternative.
     """
     df = _task_rows(pd.read_csv(scores), task, scores)
-    crossed = [m for m, sub in df.groupby("method") if sub["balancing"].nunique() > 1]
-    if not crossed:
-        raise InputError(
-            f"no method of task '{task}' ran with more than one balancing strategy",
-            file=scores,
-            field="balancing",
-            fix="cross a method with strategies under balancing.per_method in the config",
-        )
+    crossed = _crossed_methods(df, task, scores)
     tt = pd.read_csv(tests)
     metrics = [("macro_f1", "macro F1"), ("rare_f1", "rare-class F1")]
     fig, axes = plt.subplots(len(crossed), 2, figsize=(11, 3.8 * len(crossed)), squeeze=False)
@@ -213,14 +219,7 @@ def balancing_comparison(scores: str, tests: str, task: str, out: str, dpi: int 
 def balancing_per_class(per_class: str, task: str, out: str, dpi: int = 120) -> None:
     """Per-class F1 vs training cells of the class, one colour per balancing strategy."""
     df = _task_rows(pd.read_csv(per_class), task, per_class)
-    crossed = [m for m, sub in df.groupby("method") if sub["balancing"].nunique() > 1]
-    if not crossed:
-        raise InputError(
-            f"no method of task '{task}' ran with more than one balancing strategy",
-            file=per_class,
-            field="balancing",
-            fix="cross a method with strategies under balancing.per_method in the config",
-        )
+    crossed = _crossed_methods(df, task, per_class)
     df = df[df["method"].isin(crossed) & (df["n_train"] > 0)]
     agg = df.groupby(["method", "balancing", "label"], as_index=False).agg(
         f1=("f1", "mean"), n_train=("n_train", "mean")

@@ -18,6 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import InputError
+from ..labels import empty_values
 
 KEEP_OBS: tuple[str, ...] = (
     "cell_type",
@@ -144,7 +145,7 @@ def preprocess(
             fix="set the dataset's label_key to the column holding the cell-type labels",
         )
     labels = adata.obs[label_key]
-    missing = labels.isna().to_numpy() | (labels.astype(str).str.strip() == "").to_numpy()
+    missing = empty_values(labels)
     if missing.any():
         raise InputError(
             f"{int(missing.sum())} cells have an empty or missing label",

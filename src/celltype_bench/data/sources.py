@@ -79,6 +79,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import InputError
+from ..labels import empty_values
 
 log = logging.getLogger("celltype_bench")
 
@@ -713,7 +714,7 @@ def validate_raw(adata: ad.AnnData, path: str | os.PathLike | None = None) -> di
         )
     for col in ("cell_type", "donor_id"):
         values = adata.obs[col]
-        bad = values.isna().to_numpy() | (values.astype(str).str.strip() == "").to_numpy()
+        bad = empty_values(values)
         if bad.any():
             raise InputError(
                 f"{int(bad.sum())} cells have an empty or missing {col}",

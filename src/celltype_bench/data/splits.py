@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from ..labels import empty_values
 
 ROLES: tuple[str, ...] = ("train", "valid", "test")
 SPLIT_COLUMNS: tuple[str, ...] = ("cell_id", "replicate", "role")
@@ -34,7 +35,7 @@ def _column(obs: pd.DataFrame, key: str, what: str) -> np.ndarray:
             fix=f"name the obs column that holds the {what} in the split settings",
         )
     values = obs[key]
-    bad = values.isna().to_numpy() | (values.astype(str).str.strip() == "").to_numpy()
+    bad = empty_values(values)
     if bad.any():
         raise InputError(
             f"{int(bad.sum())} cells have an empty or missing {what}",

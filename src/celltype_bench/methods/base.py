@@ -25,6 +25,7 @@ from torch import nn
 from .. import __version__
 from ..errors import InputError
 from ..io import write_json
+from ..labels import empty_values
 from ..training import as_csr, choose_device, get_logger, predict_proba_torch
 
 METHOD_JSON = "method.json"
@@ -105,7 +106,7 @@ def read_labels(adata: ad.AnnData, label_key: str, role: str) -> np.ndarray:
             fix=f"set label_key to one of the obs columns ({cols}) or add obs['{label_key}']",
         )
     s = adata.obs[label_key]
-    bad = s.isna().to_numpy() | s.astype(str).str.strip().eq("").to_numpy()
+    bad = empty_values(s)
     if bad.any():
         first = adata.obs_names[np.flatnonzero(bad)[0]]
         raise InputError(
@@ -367,6 +368,14 @@ class TorchMethod(Method):
     """A method backed by a torch ``nn.Module`` built by ``_build_module``."""
 
     predict_batch_size: ClassVar[int] = 4096
+    # every torch method takes both weighting switches (balancing.configure sets them)
+    supported_weightings: ClassVar[frozenset[str]] = frozenset(
+        {"class_weight", "weighted_sampling"}
+    )
+    balancing_params: ClassVar[dict[str, str]] = {
+        "class_weight": "class_weighted",
+        "weighted_sampling": "weighted_sampling",
+    }
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)

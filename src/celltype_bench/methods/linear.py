@@ -34,8 +34,6 @@ class Linear(TorchMethod):
     """Linear classifier trained with class-weighted cross-entropy."""
 
     native_balancing = "class_weight"
-    supported_weightings = frozenset({"class_weight", "weighted_sampling"})
-    balancing_params = {"class_weight": "class_weighted", "weighted_sampling": "weighted_sampling"}
     default_params = {
         "epochs": 20,
         "batch_size": 2048,

@@ -58,8 +58,6 @@ class ScBalance(TorchMethod):
     """scBalance: weighted random sampling + a 3-hidden-layer dropout network."""
 
     native_balancing = "weighted_sampling"
-    supported_weightings = frozenset({"class_weight", "weighted_sampling"})
-    balancing_params = {"class_weight": "class_weighted", "weighted_sampling": "weighted_sampling"}
     default_params = {
         "epochs": 20,
         "batch_size": 128,
