@@ -6,6 +6,9 @@ rule balancing_runtime:
     params:
         sweep=BENCH.balancing.get("runtime_sweep", {}),
     threads: 1
+    resources:
+        # SMOTE / oversampling to the largest class: ~70 MB per 1,000 cells of the largest size
+        mem_mb=lambda w: max(2000, 70 * max(BENCH.balancing.get("runtime_sweep", {}).get("sizes", [0])) // 1000),
     log:
         "logs/balancing_runtime.log",
     benchmark:

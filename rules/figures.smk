@@ -115,3 +115,50 @@ rule figure_balancing_runtime:
         "../envs/bench.yaml"
     script:
         "../scripts/figure_balancing.py"
+
+
+rule figure_training_curves:
+    input:
+        history="results/tables/history.csv",
+    output:
+        report(
+            "results/figures/{task}_training_curves.png",
+            caption="../report/training_curves.rst",
+            category="Training curves",
+            subcategory="{task}",
+            labels={"task": "{task}", "figure": "training curves"},
+        ),
+    params:
+        dpi=config["figures"]["dpi"],
+    log:
+        "logs/figures/{task}_training_curves.log",
+    benchmark:
+        "results/benchmarks/figures/{task}_training_curves.tsv"
+    conda:
+        "../envs/bench.yaml"
+    script:
+        "../scripts/figure_training_curves.py"
+
+
+rule figure_uncertainty:
+    input:
+        uncertainty="results/tables/uncertainty.csv",
+        scores="results/tables/scores.csv",
+    output:
+        report(
+            "results/figures/{task}_uncertainty.png",
+            caption="../report/uncertainty.rst",
+            category="Uncertainty",
+            subcategory="{task}",
+            labels={"task": "{task}", "figure": "accuracy vs uncertainty"},
+        ),
+    params:
+        dpi=config["figures"]["dpi"],
+    log:
+        "logs/figures/{task}_uncertainty.log",
+    benchmark:
+        "results/benchmarks/figures/{task}_uncertainty.tsv"
+    conda:
+        "../envs/bench.yaml"
+    script:
+        "../scripts/figure_uncertainty.py"

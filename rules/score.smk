@@ -25,6 +25,8 @@ rule aggregate:
         per_class="results/tables/per_class.csv",
         summary="results/tables/summary.csv",
         runtime="results/tables/runtime.csv",
+        history="results/tables/history.csv",
+        uncertainty="results/tables/uncertainty.csv",
     params:
         runs=BENCH.all_runs(),
         methods=BENCH.method_table(),

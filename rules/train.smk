@@ -4,14 +4,25 @@ rule train:
     input:
         data=dataset_of,
         split="data/splits/{task}.parquet",
+        # scTab-style augmentation vectors, for methods with `augment: true`
+        augmentation=lambda w: (
+            f"data/augmentation/{w.task}/{w.replicate}.npz"
+            if BENCH.method_augments(w.method)
+            else []
+        ),
+        # extra unlabeled datasets (task `unlabeled:`), for methods that learn from unlabeled cells
+        unlabeled=lambda w: BENCH.unlabeled_paths(w.task, w.method),
     output:
         predictions="results/{task}/{method}/{balancing}/{replicate}/predictions.parquet",
         run="results/{task}/{method}/{balancing}/{replicate}/run.json",
+        history="results/{task}/{method}/{balancing}/{replicate}/history.tsv",
         model=directory("results/{task}/{method}/{balancing}/{replicate}/model"),
     params:
         method=lambda w: BENCH.method_spec(w.method),
         balancing=lambda w: BENCH.balancing_spec(w.balancing),
         seed=lambda w: BENCH.seed_for(w.replicate),
+        # survives a killed job (not an output): the rerun resumes from the last epoch
+        checkpoint_dir="results/checkpoints/{task}/{method}/{balancing}/{replicate}",
     wildcard_constraints:
         method=BENCH.python_method_regex,
     threads: lambda w: BENCH.method_threads(w.method)

@@ -13,4 +13,6 @@ run_logged(
     out_per_class=sm.output.per_class,
     out_summary=sm.output.summary,
     out_runtime=sm.output.runtime,
+    out_history=sm.output.history,
+    out_uncertainty=sm.output.uncertainty,
 )

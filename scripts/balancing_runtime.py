@@ -10,5 +10,6 @@ run_logged(
     strategies=list(sm.params.sweep["strategies"]),
     seed=int(sm.params.sweep.get("seed", 0)),
     repeats=int(sm.params.sweep.get("repeats", 1)),
+    repeat_max_cells=sm.params.sweep.get("repeat_max_cells"),
     out=sm.output[0],
 )

@@ -15,5 +15,9 @@ run_logged(
     out_predictions=sm.output.predictions,
     out_run=sm.output.run,
     out_model=sm.output.model,
+    out_history=sm.output.history,
     threads=sm.threads,
+    augmentation=sm.input.augmentation or None,
+    unlabeled_data=list(sm.input.unlabeled),
+    checkpoint_dir=sm.params.checkpoint_dir,
 )

@@ -20,7 +20,7 @@ from torch import nn
 from celltype_bench.errors import InputError
 from celltype_bench.methods import Method, available, create, register
 from celltype_bench.methods.linear import balanced_class_weights
-from celltype_bench.methods.scbalance import ScBalanceNet, epoch_indices
+from celltype_bench.methods.scbalance import MaskDropout, ScBalanceNet, epoch_indices
 
 torch.set_num_threads(2)
 HERE = Path(__file__).resolve().parent
@@ -321,11 +321,22 @@ def test_scbalance_network_architecture(fitted):
         (32, 5),
     ]
     kinds = [type(m) for m in net]
-    block = [nn.Linear, nn.BatchNorm1d, nn.ELU, nn.Dropout]
+    block = [nn.Linear, nn.BatchNorm1d, nn.ELU, MaskDropout]
     assert kinds == block * 3 + [nn.Linear]
-    assert all(m.p == 0.5 for m in net if isinstance(m, nn.Dropout))
+    assert all(m.p == 0.5 for m in net if isinstance(m, MaskDropout))
     p = create("scbalance").params
     assert (p["lr"], p["batch_size"], p["epochs"], p["weighted_sampling"]) == (0.005, 128, 20, True)
+
+
+def test_mask_dropout_matches_inverted_dropout():
+    torch.manual_seed(0)
+    d = MaskDropout(0.5)
+    x = torch.ones(2000, 50)
+    out = d.train()(x)
+    kept = out != 0
+    assert 0.47 < kept.float().mean() < 0.53  # each unit dropped with probability p
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 2.0))  # survivors scaled 1/(1-p)
+    assert torch.equal(d.eval()(x), x)  # identity at prediction
 
 
 def test_scbalance_dropout_off_at_prediction(fitted, splits):

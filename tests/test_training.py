@@ -396,3 +396,95 @@ def test_predict_proba_torch_bounds_batch_bytes_for_wide_data(monkeypatch):
     assert max(seen) == 8 and sum(seen) == 37
     monkeypatch.undo()
     np.testing.assert_allclose(p, predict_proba_torch(model, X), rtol=1e-5, atol=1e-7)
+
+
+# ---- checkpoint / resume, augmentation, regulariser ------------------------------------------
+def _fit_with(tmp_path, epochs=6, sampler=None, checkpoint=True, **kw):
+    X, y = _blobs()
+    Xv, yv = _blobs(n=90, seed=1)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(20, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3)
+    )
+    hist = fit_torch(
+        model,
+        X,
+        y,
+        X_valid=Xv,
+        y_valid=yv,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=0.01),
+        scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 1, gamma=0.9),
+        epochs=epochs,
+        batch_size=32,
+        sampler=sampler,
+        seed=3,
+        checkpoint=(tmp_path / "ck.pt") if checkpoint else None,
+        **kw,
+    )
+    return model, hist
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
+    full, full_hist = _fit_with(tmp_path / "a")
+    calls = {"n": 0}
+
+    def dies_in_epoch_4(rng):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("killed")
+        return rng.permutation(300)
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit_with(tmp_path / "b", sampler=dies_in_epoch_4)
+    saved = torch.load(tmp_path / "b" / "ck.pt", weights_only=True)
+    assert saved["epoch"] == 3  # the last finished epoch
+    resumed, hist = _fit_with(tmp_path / "b")
+    assert [h["epoch"] for h in hist] == list(range(1, 7))
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    assert [h["loss"] for h in hist] == [h["loss"] for h in full_hist]
+
+
+def test_checkpoint_of_other_settings_is_not_resumed(tmp_path, caplog):
+    from celltype_bench.training import Checkpoint
+
+    X, y = _blobs()
+    m1 = _mlp(20, 3)
+    fit_torch(
+        m1,
+        X,
+        y,
+        optimizer=lambda p: torch.optim.Adam(p),
+        epochs=2,
+        batch_size=32,
+        checkpoint=Checkpoint(tmp_path / "ck.pt", "settings-A"),
+    )
+    with caplog.at_level(logging.WARNING, logger="celltype_bench"):
+        hist = fit_torch(
+            _mlp(20, 3),
+            X,
+            y,
+            optimizer=lambda p: torch.optim.Adam(p),
+            epochs=3,
+            batch_size=32,
+            checkpoint=Checkpoint(tmp_path / "ck.pt", "settings-B"),
+        )
+    assert len(hist) == 3 and "other settings" in caplog.text
+
+
+def test_augment_only_in_training_and_regularizer_enters_the_loss(tmp_path):
+    seen = []
+
+    def augment(x, gen):
+        seen.append(x.shape[0])
+        return x + torch.rand(x.shape, generator=gen)
+
+    _, plain = _fit_with(tmp_path / "p", epochs=2, checkpoint=False)
+    _, aug = _fit_with(tmp_path / "a", epochs=2, checkpoint=False, augment=augment)
+    assert sum(seen) == 2 * 300  # every training batch, no validation batch
+    assert aug[0]["loss"] != plain[0]["loss"]
+    _, reg = _fit_with(
+        tmp_path / "r", epochs=2, checkpoint=False, regularizer=lambda: torch.tensor(5.0)
+    )
+    assert reg[0]["loss"] == pytest.approx(plain[0]["loss"] + 5.0, abs=0.5)
+    assert all(h["val_loss"] is not None and h["val_loss"] > 0 for h in plain)

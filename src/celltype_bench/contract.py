@@ -5,7 +5,8 @@
 - ``cell_id``: the cell's obs name in the processed dataset,
 - ``true_label``: its author label (``cell_type``),
 - ``predicted_label``: the method's label,
-- ``proba:<class>``: one probability column per class the method knows, rows summing to 1.
+- ``proba:<class>``: one probability column per class the method knows, rows summing to 1,
+- ``uncertainty`` (optional): per-cell uncertainty in [0, 1]; 1 - max probability if absent.
 """
 
 from __future__ import annotations
@@ -20,6 +21,16 @@ from .errors import InputError
 
 PROBA_PREFIX = "proba:"
 REQUIRED_COLUMNS = ("cell_id", "true_label", "predicted_label")
+UNCERTAINTY = "uncertainty"
+"""Optional column: per-cell uncertainty in [0, 1] (default 1 - max probability)."""
+
+
+def uncertainty_of(df: pd.DataFrame) -> np.ndarray:
+    """The per-cell uncertainty of a predictions table (1 - max probability if not written)."""
+    if UNCERTAINTY in df.columns:
+        return df[UNCERTAINTY].to_numpy(dtype=float)
+    p = df[proba_columns(df)].to_numpy(dtype=float)
+    return 1.0 - p.max(axis=1)
 
 
 def proba_columns(df: pd.DataFrame) -> list[str]:
@@ -33,17 +44,24 @@ def classes_of(df: pd.DataFrame) -> list[str]:
 
 
 def make_predictions(
-    cell_ids, true_labels, proba: pd.DataFrame, predicted_labels=None
+    cell_ids, true_labels, proba: pd.DataFrame, predicted_labels=None, uncertainty=None
 ) -> pd.DataFrame:
-    """Build a contract-conforming predictions table from a cells x classes probability frame."""
+    """Build a contract-conforming predictions table from a cells x classes probability frame.
+
+    ``uncertainty`` defaults to 1 - max probability (scTab's measure; an ensemble passes its
+    own ensemble probabilities, so this is the ensemble's uncertainty).
+    """
     proba = proba.astype("float64")
     if predicted_labels is None:
         predicted_labels = proba.columns.to_numpy()[np.argmax(proba.to_numpy(), axis=1)]
+    if uncertainty is None:
+        uncertainty = 1.0 - proba.to_numpy().max(axis=1) if proba.shape[1] else []
     out = pd.DataFrame(
         {
             "cell_id": np.asarray(cell_ids).astype(str),
             "true_label": np.asarray(true_labels).astype(str),
             "predicted_label": np.asarray(predicted_labels).astype(str),
+            UNCERTAINTY: np.clip(np.asarray(uncertainty, dtype=np.float64), 0.0, 1.0),
         }
     )
     probs = pd.DataFrame(proba.to_numpy(), columns=[PROBA_PREFIX + str(c) for c in proba.columns])
@@ -94,6 +112,15 @@ def validate_predictions(df: pd.DataFrame, path: str | os.PathLike | None = None
             field=PROBA_PREFIX + "*",
             fix="normalise each row to sum to 1",
         )
+    if UNCERTAINTY in df.columns:
+        u = pd.to_numeric(df[UNCERTAINTY], errors="coerce").to_numpy(dtype=float)
+        if not np.all(np.isfinite(u)) or (u < -1e-9).any() or (u > 1 + 1e-9).any():
+            raise InputError(
+                "uncertainty values must be finite numbers in [0, 1]",
+                file=where,
+                field=UNCERTAINTY,
+                fix="write 1 - max probability, or leave the optional column out",
+            )
     known = set(classes_of(df))
     unknown = sorted(set(df["predicted_label"].astype(str)) - known)
     if unknown:

@@ -282,3 +282,76 @@ def balancing_runtime(runtime: str, out: str, dpi: int = 120) -> None:
     ax.set_title("Balancing running time vs training cells")
     ax.legend(fontsize=8, frameon=False, bbox_to_anchor=(1.01, 1), loc="upper left")
     _save(fig, out, dpi, order)
+
+
+def training_curves(history: str, task: str, out: str, dpi: int = 120) -> None:
+    """Per-epoch training loss and validation macro F1 of the iterative methods of one task.
+
+    One line per method (balancing strategy when a method is crossed), mean over replicates.
+    A task whose methods are all one-shot (controls, CellTypist) gets a figure saying so.
+    """
+    df = pd.read_csv(history)
+    sub = df[(df["task"] == task) & df["epoch"].notna()] if not df.empty else df
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    methods: list[str] = []
+    if sub.empty:
+        for ax in axes:
+            ax.text(0.5, 0.5, "no iterative method ran on this task", ha="center", va="center")
+            ax.set_axis_off()
+    else:
+        sub = sub.copy()
+        sub["run"] = sub["method"] + " / " + sub["balancing"]
+        methods = sorted(sub["method"].unique())
+        order = sorted(sub["run"].unique())
+        for ax, col, label in (
+            (axes[0], "loss", "training loss"),
+            (axes[1], "val_macro_f1", "validation macro F1"),
+        ):
+            data = sub[sub[col].notna()]
+            if data.empty:
+                ax.text(0.5, 0.5, f"no {label} recorded", ha="center", va="center")
+                ax.set_axis_off()
+                continue
+            sns.lineplot(data=data, x="epoch", y=col, hue="run", hue_order=order, ax=ax)
+            ax.set_ylabel(label)
+            ax.legend(fontsize=7, frameon=False)
+        axes[0].set_yscale("log")
+    fig.suptitle(f"{task}: training curves (mean over replicates)")
+    _save(fig, out, dpi, methods)
+
+
+def uncertainty_accuracy(
+    uncertainty: str, scores: str, task: str, out: str, dpi: int = 120
+) -> None:
+    """Accuracy vs per-cell uncertainty (1 - max probability), one line per method.
+
+    Wrong predictions should carry higher uncertainty: accuracy should fall from left to
+    right. The legend gives each method's error AUROC (uncertainty as a detector of errors).
+    """
+    bins = pd.read_csv(uncertainty)
+    sc = _task_rows(pd.read_csv(scores), task, scores)
+    sub = bins[bins["task"] == task]
+    sub = sub[~sub["method"].isin(sc.loc[sc["control"].astype(bool), "method"])]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    methods = sorted(sub["method"].unique()) if not sub.empty else []
+    for method in methods:
+        m = sub[sub["method"] == method]
+        agg = m.groupby("lo").apply(
+            lambda g: pd.Series(
+                {"accuracy": np.average(g["accuracy"], weights=g["n"]), "n": g["n"].sum()}
+            ),
+            include_groups=False,
+        )
+        auroc = sc.loc[sc["method"] == method, "error_auroc"].mean()
+        label = f"{method} (error AUROC {auroc:.2f})" if np.isfinite(auroc) else method
+        ax.plot(agg.index + 0.05, agg["accuracy"], marker="o", label=label)
+    if not methods:
+        ax.text(0.5, 0.5, "no non-control method ran on this task", ha="center", va="center")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("uncertainty (1 - max probability), bin centre")
+    ax.set_ylabel("accuracy in bin")
+    ax.set_title(f"{task}: accuracy vs uncertainty")
+    if methods:
+        ax.legend(fontsize=7, frameon=False)
+    _save(fig, out, dpi, methods)

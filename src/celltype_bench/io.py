@@ -70,12 +70,14 @@ def _default(o: Any):
 
 
 def write_table(df, path: str | os.PathLike) -> None:
-    """Write a DataFrame atomically as CSV or parquet, by extension."""
+    """Write a DataFrame atomically as CSV, TSV or parquet, by extension."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
     if path.suffix == ".parquet":
         df.to_parquet(tmp, index=False)
+    elif path.suffix in (".tsv", ".tab"):
+        df.to_csv(tmp, index=False, sep="\t")
     else:
         df.to_csv(tmp, index=False)
     os.replace(tmp, path)

@@ -143,3 +143,41 @@ def score_predictions(
         "ece": ece,
         "per_class": per_class,
     }
+
+
+def uncertainty_summary(
+    correct: np.ndarray, uncertainty: np.ndarray, n_bins: int = 10
+) -> dict[str, Any]:
+    """How well per-cell uncertainty flags wrong predictions (scTab's ensemble check).
+
+    ``error_auroc``: probability that a wrong prediction carries a higher uncertainty than a
+    right one (0.5 = uninformative; None when all predictions are right or all wrong).
+    ``uncertainty_bins``: accuracy per equal-width uncertainty bin in [0, 1] (empty bins left
+    out).
+    """
+    correct = np.asarray(correct, dtype=bool)
+    u = np.clip(np.asarray(uncertainty, dtype=float), 0.0, 1.0)
+    auroc = None
+    if 0 < correct.sum() < len(correct):
+        from sklearn.metrics import roc_auc_score
+
+        auroc = float(roc_auc_score(~correct, u))
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.digitize(u, edges[1:-1]), 0, n_bins - 1)
+    bins = []
+    for b in range(n_bins):
+        mask = which == b
+        if mask.any():
+            bins.append(
+                {
+                    "lo": float(edges[b]),
+                    "hi": float(edges[b + 1]),
+                    "n": int(mask.sum()),
+                    "accuracy": float(correct[mask].mean()),
+                }
+            )
+    return {
+        "error_auroc": auroc,
+        "mean_uncertainty": float(u.mean()) if len(u) else None,
+        "uncertainty_bins": bins,
+    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from . import io
-from .contract import make_predictions, read_predictions, write_predictions
+from .contract import make_predictions, read_predictions, uncertainty_of, write_predictions
 from .errors import InputError
 
 LOGGER_NAME = "celltype_bench"
@@ -156,9 +157,23 @@ def train_run(
     out_predictions: str,
     out_run: str,
     out_model: str,
+    out_history: str | None = None,
     threads: int = 1,
+    augmentation: str | None = None,
+    unlabeled_data: list[str] | None = None,
+    checkpoint_dir: str | None = None,
 ) -> None:
-    """Fit one method with one balancing strategy on one replicate; predict its test cells."""
+    """Fit one method with one balancing strategy on one replicate; predict its test cells.
+
+    - ``augmentation``: the task's augmentation vectors (npz from the augmentation rule), for
+      methods that augment.
+    - A method with ``uses_unlabeled`` also gets the test cells' expression without any label
+      column, plus the cells of ``unlabeled_data`` (processed h5ad files, genes aligned to
+      the training genes, missing ones zero-filled).
+    - ``checkpoint_dir``: per-epoch checkpoints; a rerun after a kill resumes from them, and
+      they are removed once the run's outputs are written.
+    - ``out_history``: per-epoch history (loss, validation macro F1 / loss) as TSV.
+    """
     import torch
 
     from . import balancing as bal
@@ -200,15 +215,39 @@ def train_run(
         0 if valid is None else valid.n_obs,
         test.n_obs,
     )
+    fit_kwargs: dict[str, Any] = {}
+    if augmentation:
+        from .augmentation import load_vectors
+
+        fit_kwargs["augmentation"] = load_vectors(augmentation, list(map(str, train.var_names)))
+    n_unlabeled = 0
+    if est.uses_unlabeled:
+        fit_kwargs["unlabeled"] = unlabeled_cells(test, unlabeled_data or [], train.var_names)
+        n_unlabeled = int(fit_kwargs["unlabeled"].n_obs)
+        log.info(
+            "%s learns from unlabeled cells: %d (the %d test cells, without labels, + %d from %s)",
+            method["name"],
+            n_unlabeled,
+            test.n_obs,
+            n_unlabeled - test.n_obs,
+            unlabeled_data or "no extra dataset",
+        )
+    if checkpoint_dir:
+        fit_kwargs["checkpoint_dir"] = checkpoint_dir
     t0 = time.perf_counter()
-    est.fit(train, valid)
+    est.fit(train, valid, **fit_kwargs)
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     proba = est.predict_proba(test)
+    uncertainty = est.uncertainty(test) if hasattr(est, "uncertainty") else None
     predict_s = time.perf_counter() - t0
     est.save(out_model)
-    pred = make_predictions(test.obs_names, test.obs["cell_type"].astype(str), proba)
+    pred = make_predictions(
+        test.obs_names, test.obs["cell_type"].astype(str), proba, uncertainty=uncertainty
+    )
     write_predictions(pred, out_predictions)
+    if out_history:
+        io.write_table(history_table(est.history_), out_history)
     info = {
         "method": method["name"],
         "params": params,
@@ -224,6 +263,8 @@ def train_run(
         "predict_seconds": predict_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "uses_unlabeled": bool(getattr(est, "uses_unlabeled", False)),
+        "n_unlabeled": n_unlabeled,
+        "augmented": bool(augmentation),
         "history": getattr(est, "history_", None),
     }
     io.write_json(info, out_run)
@@ -233,6 +274,48 @@ def train_run(
         predict_s,
         float((pred["predicted_label"] == pred["true_label"]).mean()),
     )
+    if checkpoint_dir:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+HISTORY_COLUMNS = ["epoch", "loss", "val_macro_f1", "val_loss", "seconds", "cells_per_s", "lr"]
+
+
+def history_table(history: list[dict[str, Any]] | None) -> pd.DataFrame:
+    """Per-epoch history as a table (empty, with the standard columns, for one-shot methods)."""
+    df = pd.DataFrame(list(history or []))
+    for col in HISTORY_COLUMNS:
+        if col not in df:
+            df[col] = pd.Series(dtype=float)
+    extra = [c for c in df.columns if c not in HISTORY_COLUMNS]
+    return df[HISTORY_COLUMNS + extra]
+
+
+def unlabeled_cells(test, extra_paths: list[str], genes) -> Any:
+    """The cells a ``uses_unlabeled`` method may learn from: test cells + extra datasets.
+
+    Only expression and non-label annotations are kept (``obs`` columns ``batch``,
+    ``donor_id``, ``study``, ``tissue``, ``assay``) plus ``domain`` (``query`` for the test
+    cells, the dataset's file stem for extra data); no label column survives.
+    """
+    import anndata as ad
+
+    from .data.preprocess import align_genes
+
+    keep = ["batch", "donor_id", "study", "tissue", "assay"]
+
+    def strip(a, domain: str):
+        obs = a.obs[[c for c in keep if c in a.obs]].copy()
+        obs["domain"] = domain
+        return ad.AnnData(X=a.X, obs=obs, var=pd.DataFrame(index=a.var_names))
+
+    parts = [strip(test, "query")]
+    for path in extra_paths:
+        extra = align_genes(io.read_h5ad(path), list(map(str, genes)), source=path)
+        parts.append(strip(extra, Path(path).stem))
+    if len(parts) == 1:
+        return parts[0]
+    return ad.concat(parts, join="outer", index_unique="-", merge=None)
 
 
 def score_run(
@@ -247,7 +330,7 @@ def score_run(
     """Score one predictions file: plain and ontology-corrected metrics, per-class F1."""
     import anndata as ad
 
-    from .metrics import score_predictions
+    from .metrics import score_predictions, uncertainty_summary
     from .ontology import load_ontology
 
     pred = read_predictions(predictions)
@@ -274,6 +357,11 @@ def score_run(
         )
     scores = score_predictions(pred, label_to_cl, train_counts, load_ontology())
     scores.update(rare_class_f1(scores["per_class"], train_counts, rare_fraction))
+    scores.update(
+        uncertainty_summary(
+            (pred["predicted_label"] == pred["true_label"]).to_numpy(), uncertainty_of(pred)
+        )
+    )
     logging.getLogger(LOGGER_NAME).info(
         "macro F1 %.4f (ontology-corrected %.4f), accuracy %.4f, ECE %.4f",
         scores["macro_f1"],
@@ -308,6 +396,8 @@ SCORE_COLUMNS = [
     "n_rare_classes",
     "weighted_f1",
     "ece",
+    "error_auroc",
+    "mean_uncertainty",
     "n_test",
 ]
 
@@ -328,9 +418,12 @@ def aggregate(
     out_per_class: str,
     out_summary: str,
     out_runtime: str,
+    out_history: str | None = None,
+    out_uncertainty: str | None = None,
 ) -> None:
-    """Collect every run's scores into tables: per run, per class, per task x method, runtime."""
-    rows, per_class, runtime = [], [], []
+    """Collect every run's scores into tables: per run, per class, per task x method, runtime,
+    per-epoch training history and accuracy per uncertainty bin."""
+    rows, per_class, runtime, histories, unc = [], [], [], [], []
     for path, run in zip(score_paths, runs, strict=True):
         scores = json.loads(Path(path).read_text())
         meta = methods.get(run["method"], {})
@@ -340,6 +433,13 @@ def aggregate(
         rows.append({**base, **{k: scores.get(k) for k in SCORE_COLUMNS}})
         for pc in scores["per_class"]:
             per_class.append({**run, **pc})
+        for b in scores.get("uncertainty_bins", []):
+            unc.append({**run, **b})
+        hist = Path(path).with_name("history.tsv")
+        if hist.exists() and hist.stat().st_size:
+            h = pd.read_csv(hist, sep="\t")
+            if not h.empty:
+                histories.append(h.assign(**run))
         run_json = Path(path).with_name("run.json")
         info = json.loads(run_json.read_text()) if run_json.exists() else {}
         bench = _read_benchmark(
@@ -362,6 +462,13 @@ def aggregate(
             }
         )
     scores_df = pd.DataFrame(rows)
+    if out_history:
+        cols = ["task", "method", "balancing", "replicate", *HISTORY_COLUMNS]
+        hist_df = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
+        io.write_table(hist_df.reindex(columns=cols), out_history)
+    if out_uncertainty:
+        cols = ["task", "method", "balancing", "replicate", "lo", "hi", "n", "accuracy"]
+        io.write_table(pd.DataFrame(unc).reindex(columns=cols), out_uncertainty)
     io.write_table(scores_df, out_scores)
     io.write_table(pd.DataFrame(per_class), out_per_class)
     io.write_table(pd.DataFrame(runtime), out_runtime)
@@ -440,9 +547,18 @@ def balancing_tests(*, scores: str, out: str) -> None:
 
 
 def balancing_runtime_sweep(
-    *, sizes: list[int], strategies: list[str], out: str, seed: int = 0, repeats: int = 1
+    *,
+    sizes: list[int],
+    strategies: list[str],
+    out: str,
+    seed: int = 0,
+    repeats: int = 1,
+    repeat_max_cells: int | None = None,
 ) -> None:
-    """Time each strategy on nested census-like subsets of increasing size (scBalance Fig. 1d)."""
+    """Time each strategy on nested census-like subsets of increasing size (scBalance Fig. 1d).
+
+    Each size is timed ``repeats`` times (median) up to ``repeat_max_cells`` cells, once above.
+    """
     from .balancing import time_strategies
     from .data.preprocess import preprocess
     from .data.sources import generate_census_like
@@ -457,7 +573,9 @@ def balancing_runtime_sweep(
     for n in sizes:
         idx = np.sort(order[: min(n, adata.n_obs)])
         X, y = adata.X[idx], codes[idx]
-        t = time_strategies(X, y, strategies, seed=seed, repeats=repeats)
+        r = repeats if repeat_max_cells is None or len(idx) <= repeat_max_cells else 1
+        t = time_strategies(X, y, strategies, seed=seed, repeats=r)
+        t["repeats"] = r
         log.info("%d cells:\n%s", len(idx), t.to_string(index=False))
         frames.append(t)
     io.write_table(pd.concat(frames, ignore_index=True), out)

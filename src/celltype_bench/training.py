@@ -26,6 +26,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -97,7 +98,14 @@ def seed_everything(seed: int) -> None:
 
 
 def as_csr(X: Any) -> sp.csr_matrix:
-    """Return X as a float32 scipy CSR matrix, without densifying (no copy if already so)."""
+    """Return X as a float32 scipy CSR matrix, without densifying (no copy if already so).
+
+    An on-disk matrix (any object with ``shape`` and ``read_rows(rows) -> CSR``, e.g.
+    :class:`celltype_bench.data.ondisk.OnDiskCSR`) is returned as is: batches then read only
+    their rows from disk.
+    """
+    if hasattr(X, "read_rows") and hasattr(X, "shape"):
+        return X
     if isinstance(X, sp.csr_matrix) and X.dtype == np.float32:
         return X
     if sp.issparse(X):
@@ -107,7 +115,12 @@ def as_csr(X: Any) -> sp.csr_matrix:
 
 def densify(X: sp.csr_matrix, rows: np.ndarray | slice, device: torch.device) -> torch.Tensor:
     """Densify the given rows (index array or slice) of a CSR matrix into a float32 tensor."""
-    block = X[rows].toarray()
+    if hasattr(X, "read_rows"):
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(X.shape[0]))
+        block = X.read_rows(np.asarray(rows)).toarray()
+    else:
+        block = X[rows].toarray()
     if block.dtype != np.float32:
         block = block.astype(np.float32)
     return torch.from_numpy(block).to(device)
@@ -227,6 +240,67 @@ def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+class Checkpoint:
+    """One file holding a training run's state after its last finished epoch.
+
+    Written atomically (temporary name, then rename) every epoch, read with
+    ``torch.load(weights_only=True)`` (tensors and plain Python values only, no code runs). A
+    run killed mid-epoch resumes after the last saved epoch and, because every epoch's random
+    streams are derived from ``(seed, epoch)``, ends with the same weights as a run that was
+    never interrupted. ``fingerprint`` (e.g. a hash of the parameters and data shape) guards
+    against resuming from another run's file: a mismatch starts afresh with a warning.
+    """
+
+    def __init__(self, path: str | os.PathLike, fingerprint: str = "") -> None:
+        self.path = Path(path)
+        self.fingerprint = str(fingerprint)
+
+    def load(self, log: logging.Logger | None = None) -> dict[str, Any] | None:
+        """The saved state, or None when there is none (or it belongs to another run)."""
+        if not self.path.exists():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a torn or foreign file: start afresh, never crash
+            (log or get_logger()).warning("ignoring unreadable checkpoint %s (%s)", self.path, exc)
+            return None
+        if state.get("fingerprint") != self.fingerprint:
+            (log or get_logger()).warning(
+                "ignoring checkpoint %s: it was written by a run with other settings", self.path
+            )
+            return None
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Write ``state`` (plus the fingerprint) atomically."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save({**state, "fingerprint": self.fingerprint}, tmp)
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        """Delete the file (after a run finished and its result was saved)."""
+        self.path.unlink(missing_ok=True)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The torch seed of one epoch (dropout masks, augmentation draws): a function of both."""
+    return int(np.random.SeedSequence([int(seed) % 2**32, int(epoch)]).generate_state(1)[0])
+
+
+def _cpu_state(module_or_opt: Any) -> dict[str, Any]:
+    def to_cpu(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.detach().to("cpu", copy=True)
+        if isinstance(v, dict):
+            return {k: to_cpu(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [to_cpu(x) for x in v]
+        return v
+
+    return to_cpu(module_or_opt.state_dict())
+
+
 def fit_torch(
     model: nn.Module,
     X_train: Any,
@@ -247,6 +321,9 @@ def fit_torch(
     logger: logging.Logger | None = None,
     class_weights: np.ndarray | torch.Tensor | None = None,
     fused_optimizer: bool = True,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    regularizer: Callable[[], torch.Tensor] | None = None,
+    checkpoint: Checkpoint | str | os.PathLike | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` on sparse ``X_train`` with integer labels ``y_train``.
 
@@ -257,14 +334,22 @@ def fit_torch(
       or the other, not both).
     - ``sampler``: callable ``epoch_rng -> index array`` giving the epoch's cells (may repeat);
       default is a uniform shuffle.
-    - With validation data, the validation macro F1 is computed every epoch, the best state is
-      restored at the end, and training stops after ``patience`` epochs without improvement.
+    - ``augment``: ``(x_batch, generator) -> x_batch`` applied to training batches only (never
+      to validation or prediction); ``generator`` is the epoch's seeded torch generator.
+    - ``regularizer``: called after each forward pass, its value is added to the loss (e.g.
+      TabNet's sparsity term the model stored during ``forward``).
+    - ``checkpoint``: a :class:`Checkpoint` (or a path): state saved after every epoch and
+      resumed from at start, so a killed run continues where it stopped with the same result.
+    - With validation data, the validation macro F1 and loss are computed every epoch, the
+      best state is restored at the end, and training stops after ``patience`` epochs without
+      improvement.
     - ``fused_optimizer``: run Adam / AdamW with torch's fused kernel when the optimizer did not
       choose an implementation (see :func:`use_fused_kernel`: same update rule, faster).
     - Batches: see :func:`iterate_minibatches` (chunked densification, same batches).
 
-    Returns one dict per epoch: epoch, loss, val_macro_f1 (None without validation), seconds,
-    cells (seen this epoch), cells_per_s, lr. Deterministic on CPU for a given seed.
+    Returns one dict per epoch: epoch, loss, val_macro_f1 and val_loss (None without
+    validation), seconds, cells (seen this epoch), cells_per_s, lr. Deterministic on CPU for a
+    given seed, with or without an interruption.
     """
     log = logger if logger is not None else get_logger()
     device = torch.device(device)
@@ -283,6 +368,8 @@ def fit_torch(
         y_valid = np.asarray(y_valid, dtype=np.int64)
     if epochs < 1:
         raise InputError(f"epochs must be >= 1, got {epochs}", field="epochs")
+    if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
+        checkpoint = Checkpoint(checkpoint)
 
     seed_everything(seed)
     model.to(device)
@@ -312,17 +399,47 @@ def fit_torch(
     best_state: dict[str, torch.Tensor] | None = None
     best_epoch = 0
     since_best = 0
-    for epoch in range(1, epochs + 1):
+    first_epoch = 1
+    stopped = False
+    saved = checkpoint.load(log) if checkpoint is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None and saved.get("scheduler") is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        history = list(saved["history"])
+        best_f1 = float(saved["best_f1"])
+        best_state = saved["best_state"]
+        best_epoch = int(saved["best_epoch"])
+        since_best = int(saved["since_best"])
+        stopped = bool(saved["stopped"])
+        first_epoch = int(saved["epoch"]) + 1
+        log.info(
+            "resuming from checkpoint %s after epoch %d of %d",
+            checkpoint.path,
+            first_epoch - 1,
+            epochs,
+        )
+    for epoch in range(first_epoch, epochs + 1):
+        if stopped:
+            break
         t0 = time.perf_counter()
         epoch_rng = np.random.default_rng([int(seed), epoch])
+        torch.manual_seed(epoch_seed(seed, epoch))
+        gen = torch.Generator(device=device)
+        gen.manual_seed(epoch_seed(seed + 1, epoch))
         indices = sampler(epoch_rng) if sampler is not None else epoch_rng.permutation(len(y_train))
         model.train()
         total_loss, seen = 0.0, 0
         for xb, yb in iterate_minibatches(
             X_train, y_train, batch_size, indices=indices, device=device, min_batch=min_batch
         ):
+            if augment is not None:
+                xb = augment(xb, gen)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb), yb)
+            if regularizer is not None:
+                loss = loss + regularizer()
             loss.backward()
             if grad_clip is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -334,10 +451,12 @@ def fit_torch(
             scheduler.step()
         train_seconds = time.perf_counter() - t0
         mean_loss = total_loss / max(seen, 1)
-        val_f1 = None
+        val_f1 = val_loss = None
         if has_valid:
             proba = predict_proba_torch(model, X_valid, batch_size=4096, device=device)
             val_f1 = _macro_f1(y_valid, proba.argmax(axis=1))
+            picked = proba[np.arange(len(y_valid)), y_valid]
+            val_loss = float(-np.log(np.clip(picked, 1e-12, None)).mean())
         seconds = time.perf_counter() - t0
         cells_per_s = seen / train_seconds if train_seconds > 0 else float("nan")
         history.append(
@@ -345,6 +464,7 @@ def fit_torch(
                 "epoch": epoch,
                 "loss": mean_loss,
                 "val_macro_f1": val_f1,
+                "val_loss": val_loss,
                 "seconds": seconds,
                 "cells": seen,
                 "cells_per_s": cells_per_s,
@@ -358,9 +478,7 @@ def fit_torch(
         if has_valid:
             if val_f1 > best_f1:
                 best_f1, best_epoch, since_best = val_f1, epoch, 0
-                best_state = {
-                    k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
-                }
+                best_state = _cpu_state(model)
             else:
                 since_best += 1
                 if patience is not None and since_best >= patience:
@@ -369,7 +487,22 @@ def fit_torch(
                         epoch,
                         since_best,
                     )
-                    break
+                    stopped = True
+        if checkpoint is not None:
+            checkpoint.save(
+                {
+                    "epoch": epoch,
+                    "model": _cpu_state(model),
+                    "optimizer": _cpu_state(optimizer),
+                    "scheduler": None if scheduler is None else scheduler.state_dict(),
+                    "history": history,
+                    "best_f1": float(best_f1),
+                    "best_state": best_state,
+                    "best_epoch": best_epoch,
+                    "since_best": since_best,
+                    "stopped": stopped,
+                }
+            )
     if best_state is not None:
         model.load_state_dict(best_state)
         log.info("restored the best state: epoch %d, val_macro_f1 %.3f", best_epoch, best_f1)

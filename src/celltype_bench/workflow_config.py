@@ -204,6 +204,39 @@ class WorkflowConfig:
         res = self.methods.get(key, {}).get("resources", {})
         return res.get(name, DEFAULT_RESOURCES.get(name))
 
+    def method_class(self, key: str) -> Any:
+        """The registry class of a Python method key (None for external methods)."""
+        from .methods import get
+
+        spec = self.methods[key]
+        return None if spec.get("external") else get(spec.get("method", key))
+
+    def method_augments(self, key: str) -> bool:
+        """Whether a method trains with augmentation vectors (its ``augment`` parameter)."""
+        cls = self.method_class(key)
+        if cls is None or "augment" not in cls.default_params:
+            return False
+        return bool(
+            self.methods[key].get("params", {}).get("augment", cls.default_params["augment"])
+        )
+
+    def method_uses_unlabeled(self, key: str) -> bool:
+        """Whether a method learns from unlabeled cells (class attribute, or config for externals)."""
+        cls = self.method_class(key)
+        if cls is None:
+            return bool(self.methods[key].get("uses_unlabeled", False))
+        return bool(getattr(cls, "uses_unlabeled", False))
+
+    def unlabeled_paths(self, task: str, key: str) -> list[str]:
+        """Processed datasets handed to a ``uses_unlabeled`` method as extra unlabeled cells."""
+        if not self.method_uses_unlabeled(key):
+            return []
+        return [f"data/processed/{d}.h5ad" for d in self.tasks[task].get("unlabeled", [])]
+
+    def augmentation_params(self) -> dict[str, Any]:
+        """Parameters of the augmentation-vector step (config ``augmentation``)."""
+        return dict(self.raw.get("augmentation", {}))
+
     def seed_for(self, replicate: str) -> int:
         return int(self.raw.get("seed", 0)) + int(replicate.lstrip("r"))
 
@@ -260,7 +293,8 @@ class WorkflowConfig:
                     "method": key,
                     "control": False,
                     "external": True,
-                    "uses_unlabeled": False,
+                    "uses_unlabeled": bool(spec.get("uses_unlabeled", False)),
+                    "placeholder": bool(spec.get("placeholder", False)),
                 }
                 continue
             cls = get(spec.get("method", key))
@@ -269,6 +303,7 @@ class WorkflowConfig:
                 "control": bool(getattr(cls, "is_control", False)),
                 "external": False,
                 "uses_unlabeled": bool(getattr(cls, "uses_unlabeled", False)),
+                "placeholder": bool(getattr(cls, "is_placeholder", False)),
             }
         return out
 
@@ -277,6 +312,8 @@ class WorkflowConfig:
         for task in self.tasks:
             targets.append(f"results/figures/{task}_method_comparison.png")
             targets.append(f"results/figures/{task}_f1_vs_train_cells.png")
+            targets.append(f"results/figures/{task}_training_curves.png")
+            targets.append(f"results/figures/{task}_uncertainty.png")
             if any(m in self.crossed_methods for m in self.methods_for(task)):
                 targets.append(f"results/figures/{task}_balancing.png")
                 targets.append(f"results/figures/{task}_balancing_per_class.png")

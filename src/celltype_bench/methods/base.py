@@ -11,7 +11,9 @@ models, loaded with ``weights_only=True``).
 from __future__ import annotations
 
 import abc
+import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -26,9 +28,10 @@ from .. import __version__
 from ..errors import InputError
 from ..io import write_json
 from ..labels import empty_values
-from ..training import as_csr, choose_device, get_logger, predict_proba_torch
+from ..training import Checkpoint, as_csr, choose_device, get_logger, predict_proba_torch
 
 METHOD_JSON = "method.json"
+_LABEL_COLUMNS = ("cell_type", "cell_type_ontology_term_id", "cell_type_label")
 TORCH_WEIGHTS = "model.pt"
 FORMAT_VERSION = 1
 
@@ -139,6 +142,25 @@ def _check_var_names(expected: list[str], adata: ad.AnnData, role: str) -> None:
     )
 
 
+@dataclass
+class FitInputs:
+    """What a method receives besides the labelled training (and validation) cells.
+
+    - ``unlabeled_X``: expression of cells whose labels the method must not see (for methods
+      with ``uses_unlabeled``: the test cells and any configured extra unlabeled data), CSR on
+      the training genes, log1p(CP10k) like ``X``; ``unlabeled_obs`` their non-label
+      annotations (``batch``, ``donor_id``, ``study``, ...), never a label column.
+    - ``augmentation``: scTab-style augmentation vectors (n_vectors x genes) computed from the
+      training cells only (``celltype_bench.augmentation``), for methods that augment.
+    - ``checkpoint_dir``: where a method may keep per-epoch checkpoints to resume after a kill.
+    """
+
+    unlabeled_X: sp.csr_matrix | None = None
+    unlabeled_obs: pd.DataFrame | None = None
+    augmentation: np.ndarray | None = None
+    checkpoint_dir: Path | None = None
+
+
 class Method(abc.ABC):
     """Base class of all annotation methods.
 
@@ -169,6 +191,7 @@ class Method(abc.ABC):
         self.label_key: str = "cell_type"
         self.history_: list[dict[str, Any]] = []
         self.logger = get_logger()
+        self.fit_inputs_ = FitInputs()
         self._fitted = False
 
     @classmethod
@@ -198,9 +221,22 @@ class Method(abc.ABC):
 
     # ------------------------------------------------------------------ public API
     def fit(
-        self, train: ad.AnnData, valid: ad.AnnData | None = None, label_key: str = "cell_type"
+        self,
+        train: ad.AnnData,
+        valid: ad.AnnData | None = None,
+        label_key: str = "cell_type",
+        *,
+        unlabeled: ad.AnnData | None = None,
+        augmentation: np.ndarray | None = None,
+        checkpoint_dir: str | Path | None = None,
     ) -> Self:
-        """Fit on ``train`` (labels in ``obs[label_key]``); ``valid`` serves model selection."""
+        """Fit on ``train`` (labels in ``obs[label_key]``); ``valid`` serves model selection.
+
+        ``unlabeled``: cells without labels (only for methods with ``uses_unlabeled``; their
+        label column, if any, is dropped before the method sees them). ``augmentation``:
+        augmentation vectors (see :class:`FitInputs`). ``checkpoint_dir``: per-epoch
+        checkpoints for resuming a killed fit.
+        """
         labels = read_labels(train, label_key, "training")
         var_names = [str(v) for v in train.var_names]
         if len(set(var_names)) != len(var_names):
@@ -247,9 +283,47 @@ class Method(abc.ABC):
             len(self.classes_),
             "" if y_valid is None else f", validating on {len(y_valid)} cells",
         )
+        self.fit_inputs_ = FitInputs(
+            augmentation=None if augmentation is None else np.asarray(augmentation, np.float32),
+            checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
+        )
+        if unlabeled is not None:
+            if not self.uses_unlabeled:
+                raise InputError(
+                    f"method '{self.name}' does not learn from unlabeled cells",
+                    field="unlabeled",
+                    fix="pass unlabeled cells only to methods with uses_unlabeled = True",
+                )
+            _check_var_names(self.var_names_, unlabeled, "unlabeled")
+            keep = [c for c in unlabeled.obs.columns if c not in _LABEL_COLUMNS + (label_key,)]
+            self.fit_inputs_.unlabeled_X = as_csr(unlabeled.X)
+            self.fit_inputs_.unlabeled_obs = unlabeled.obs[keep].copy()
+        if self.fit_inputs_.augmentation is not None:
+            aug = self.fit_inputs_.augmentation
+            if aug.ndim != 2 or aug.shape[1] != len(self.var_names_):
+                raise InputError(
+                    f"augmentation vectors have shape {aug.shape}, expected (n, "
+                    f"{len(self.var_names_)}) for the training genes",
+                    field="augmentation",
+                    fix="recompute them from this task's training cells (augmentation rule)",
+                )
         self._fit(as_csr(train.X), y, X_valid, y_valid)
         self._fitted = True
         return self
+
+    def checkpoint(self, X: Any) -> Checkpoint | None:
+        """A per-epoch :class:`Checkpoint` in ``checkpoint_dir`` (None without one).
+
+        Its fingerprint covers the method, its parameters, the classes and the data shape, so
+        a leftover file of another configuration is never resumed from.
+        """
+        where = self.fit_inputs_.checkpoint_dir
+        if where is None:
+            return None
+        key = json.dumps(
+            [self.name, self.params, self.classes_, list(X.shape)], sort_keys=True, default=str
+        )
+        return Checkpoint(where / "checkpoint.pt", hashlib.sha256(key.encode()).hexdigest())
 
     def predict_proba(self, test: ad.AnnData) -> pd.DataFrame:
         """Class probabilities: index = test.obs_names, columns = classes_, rows sum to 1."""

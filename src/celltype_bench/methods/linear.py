@@ -88,6 +88,7 @@ class Linear(TorchMethod):
             device=self.device,
             seed=p["seed"],
             logger=self.logger,
+            checkpoint=self.checkpoint(X),
         )
         self.module_ = module
 
