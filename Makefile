@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PROFILE ?= profiles/local
 
-.PHONY: venv run test lint dryrun clean
+.PHONY: venv run test lint dryrun clean retry-failed
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: venv
 lint: venv
 	$(BIN)/ruff check src tests scripts benchmarks
 	$(BIN)/snakemake --lint
+
+retry-failed: venv
+	$(BIN)/celltype-bench retry-failed
+	$(MAKE) run
 
 dryrun: venv
 	$(BIN)/snakemake -n --profile $(PROFILE)

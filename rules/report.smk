@@ -3,6 +3,7 @@ rule summary_table:
     input:
         summary="results/tables/summary.csv",
         scores="results/tables/scores.csv",
+        failed="results/tables/failed_runs.csv",
     output:
         report(
             "results/tables/summary.html",

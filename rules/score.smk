@@ -27,6 +27,7 @@ rule aggregate:
         runtime="results/tables/runtime.csv",
         history="results/tables/history.csv",
         uncertainty="results/tables/uncertainty.csv",
+        failed="results/tables/failed_runs.csv",
     params:
         runs=BENCH.all_runs(),
         methods=BENCH.method_table(),

@@ -15,4 +15,5 @@ run_logged(
     out_runtime=sm.output.runtime,
     out_history=sm.output.history,
     out_uncertainty=sm.output.uncertainty,
+    out_failed=sm.output.failed,
 )

@@ -1,11 +1,13 @@
 """Snakemake entry: one method on one replicate -> predictions.parquet, run.json, model/."""
 
-from celltype_bench.steps import run_logged, train_run
+from celltype_bench.steps import run_logged, train_or_record
 
 sm = snakemake  # noqa: F821  (injected by Snakemake)
 run_logged(
     sm.log[0],
-    train_run,
+    train_or_record,
+    on_failure=sm.params.on_failure,
+    log_file=sm.log[0],
     data=sm.input.data,
     split=sm.input.split,
     replicate=sm.wildcards.replicate,

@@ -40,6 +40,11 @@ TINY = {
         "scbalance": {"params": {"epochs": 2}},
         "celltypist": {"params": {"epochs": 1, "batch_size": 100}},
         "toy_centroid": {"module": "toy_method.py"},
+        "toy_crash": {
+            "method": "toy_centroid",
+            "module": "toy_method.py",
+            "params": {"fail": True},
+        },
         "toy_external": {"external": True},
     },
     "balancing": {
@@ -77,6 +82,20 @@ def _copy_workflow(dest: Path) -> None:
     (dest / "tiny.yaml").write_text(yaml.safe_dump(TINY))
 
 
+def _scaffold(dest: Path) -> None:
+    """Add one method each way with `celltype-bench new-method`, as a user would."""
+    cli = str(Path(sys.executable).with_name("celltype-bench"))
+    for extra in ([], ["--external"]):
+        name = "toy_scaffold_ext" if extra else "toy_scaffold"
+        res = subprocess.run(
+            [cli, "new-method", name, *extra, "--config", "tiny.yaml"],
+            cwd=dest,
+            capture_output=True,
+            text=True,
+        )
+        assert res.returncode == 0, res.stderr
+
+
 def _snakemake(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [SNAKEMAKE, "--cores", "2", "--configfile", "tiny.yaml", *args],
@@ -91,6 +110,7 @@ def _snakemake(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 def workflow_run(tmp_path_factory):
     wd = tmp_path_factory.mktemp("wf")
     _copy_workflow(wd)
+    _scaffold(wd)
     res = _snakemake(wd)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     rep = _snakemake(wd, "--report", "results/report.html")
@@ -102,9 +122,12 @@ def workflow_run(tmp_path_factory):
 def test_scores_table_has_every_method_and_control(workflow_run):
     scores = pd.read_csv(workflow_run / "results/tables/scores.csv")
     pbmc = scores[scores.task == "pbmc68k"]
-    assert set(pbmc.method) == set(TINY["methods"])
+    scaffolds = {"toy_scaffold", "toy_scaffold_ext"}
+    # failed runs are listed apart; the scaffolds run as written
+    assert set(pbmc.method) == (set(TINY["methods"]) - {"toy_crash"}) | scaffolds
     n_strategies = len(TINY["balancing"]["per_method"]["scbalance"])
-    assert len(pbmc) == (len(TINY["methods"]) - 1 + n_strategies) * 2  # two folds each
+    assert len(pbmc) == (len(TINY["methods"]) - 2 + n_strategies + 2) * 2  # two folds each
+    assert set(scores.loc[scores.placeholder, "method"]) == scaffolds
     assert set(scores[scores.task == "census_like"].method) == {"majority", "linear", "scbalance"}
     assert scores.loc[scores.method == "majority", "control"].all()
     assert not scores.loc[scores.method == "linear", "control"].any()
@@ -138,6 +161,8 @@ def test_figures_report_and_logs(workflow_run):
         assert {"toy_centroid", "toy_external", "majority", "random"} <= set(plotted), plotted
     html = (workflow_run / "results/report.html").read_text(errors="ignore")
     assert "pbmc68k_method_comparison.png" in html
+    summary = (workflow_run / "results/tables/summary.html").read_text()
+    assert "toy_scaffold" in summary and "toy_scaffold_ext" in summary
     log = (workflow_run / "logs/train/pbmc68k/linear/class_weight/r0.log").read_text()
     assert "epoch" in log
     run = json.loads((workflow_run / "results/pbmc68k/linear/class_weight/r0/run.json").read_text())
@@ -170,6 +195,37 @@ def test_balancing_axis(workflow_run):
     assert set(runtime.strategy) == set(TINY["balancing"]["runtime_sweep"]["strategies"])
     assert set(runtime.n_cells) == {300, 1000}
     assert (workflow_run / "results/figures/balancing_runtime.png").stat().st_size > 10_000
+
+
+@pytest.mark.e2e
+def test_a_crashing_method_is_listed_with_its_log_and_the_rest_goes_on(workflow_run):
+    failed = pd.read_csv(workflow_run / "results/tables/failed_runs.csv")
+    assert set(failed.method) == {"toy_crash"} and len(failed) == 2  # both folds
+    assert failed["error"].str.contains("toy failure on purpose").all()
+    assert failed["log_tail"].str.contains("Traceback").all()
+    summary = (workflow_run / "results/tables/summary.html").read_text()
+    assert "Failed runs (2)" in summary and "toy failure on purpose" in summary
+    run = json.loads((workflow_run / "results/pbmc68k/toy_crash/none/r0/run.json").read_text())
+    assert run["status"] == "failed"
+
+
+@pytest.mark.e2e
+def test_history_uncertainty_tables_and_figures(workflow_run):
+    hist = pd.read_csv(workflow_run / "results/tables/history.csv")
+    lin = hist[(hist.method == "linear") & (hist.task == "census_like")]  # has a validation set
+    assert lin["epoch"].max() >= 2 and lin["val_macro_f1"].notna().all()
+    assert lin["val_loss"].notna().all()
+    unc = pd.read_csv(workflow_run / "results/tables/uncertainty.csv")
+    assert {"lo", "hi", "n", "accuracy"} <= set(unc.columns) and len(unc)
+    pred = pd.read_parquet(
+        workflow_run / "results/pbmc68k/linear/class_weight/r0/predictions.parquet"
+    )
+    assert pred["uncertainty"].between(0, 1).all()
+    for task in TINY["tasks"]:
+        for fig in ["training_curves", "uncertainty"]:
+            assert (workflow_run / f"results/figures/{task}_{fig}.png").stat().st_size > 10_000
+    # checkpoints are removed once a run's outputs are written
+    assert not list((workflow_run / "results/checkpoints").rglob("checkpoint.pt"))
 
 
 @pytest.mark.e2e

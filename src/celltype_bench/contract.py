@@ -133,9 +133,16 @@ def validate_predictions(df: pd.DataFrame, path: str | os.PathLike | None = None
     return df
 
 
-def write_predictions(df: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Validate and write a predictions table atomically (temporary name, then rename)."""
-    validate_predictions(df, path)
+def write_predictions(df: pd.DataFrame, path: str | os.PathLike, failed: bool = False) -> None:
+    """Validate and write a predictions table atomically (temporary name, then rename).
+
+    ``failed=True`` writes the no-row table of a run recorded as failed (its ``run.json``
+    says why); it is not validated as predictions.
+    """
+    if not failed:
+        validate_predictions(df, path)
+    elif len(df):
+        raise ValueError("a failed run's predictions table must have no rows")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -14,7 +14,13 @@ import numpy as np
 import pandas as pd
 
 from . import io
-from .contract import make_predictions, read_predictions, uncertainty_of, write_predictions
+from .contract import (
+    REQUIRED_COLUMNS,
+    make_predictions,
+    read_predictions,
+    uncertainty_of,
+    write_predictions,
+)
 from .errors import InputError
 
 LOGGER_NAME = "celltype_bench"
@@ -278,6 +284,62 @@ def train_run(
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
+FAILED = "failed"
+
+
+def train_or_record(*, on_failure: str = "record", log_file: str | None = None, **kwargs) -> None:
+    """:func:`train_run`, but with ``on_failure: record`` a crashing method does not stop the
+    workflow: the run is written as failed (``run.json`` with ``status: failed``, the error
+    and the tail of the log; a predictions file with no rows) so scoring, tables and the
+    report list it instead of dropping it. ``stop`` re-raises (Snakemake then marks the job
+    failed; other jobs go on under ``--keep-going``). A kill (SIGKILL, Ctrl-C) is never
+    recorded: the rerun resumes from the last checkpoint.
+    """
+    if on_failure not in ("record", "stop"):
+        raise InputError(
+            f"unknown on_failure '{on_failure}'", field="on_failure", fix="use record or stop"
+        )
+    try:
+        train_run(**kwargs)
+    except Exception as exc:
+        if on_failure == "stop":
+            raise
+        log = logging.getLogger(LOGGER_NAME)
+        log.exception("run failed; recorded as failed (on_failure: record)")
+        for h in log.handlers:
+            h.flush()
+        write_failed_run(kwargs, exc, log_tail(log_file))
+
+
+def log_tail(log_path: str | None, n_lines: int = 30) -> str:
+    """The last lines of a log file ('' if there is none)."""
+    if not log_path or not Path(log_path).exists():
+        return ""
+    lines = Path(log_path).read_text(errors="replace").splitlines()
+    return "\n".join(lines[-n_lines:])
+
+
+def write_failed_run(kwargs: dict[str, Any], exc: BaseException, tail: str) -> None:
+    """Write every output of a train job as a recorded failure (predictions with no rows)."""
+    empty = pd.DataFrame({c: pd.Series(dtype=str) for c in REQUIRED_COLUMNS})
+    write_predictions(empty, kwargs["out_predictions"], failed=True)
+    Path(kwargs["out_model"]).mkdir(parents=True, exist_ok=True)
+    if kwargs.get("out_history"):
+        io.write_table(history_table(None), kwargs["out_history"])
+    io.write_json(
+        {
+            "status": FAILED,
+            "method": kwargs["method"]["name"],
+            "balancing": kwargs["balancing"]["name"],
+            "replicate": kwargs["replicate"],
+            "seed": kwargs["seed"],
+            "error": f"{type(exc).__name__}: {exc}",
+            "log_tail": tail,
+        },
+        kwargs["out_run"],
+    )
+
+
 HISTORY_COLUMNS = ["epoch", "loss", "val_macro_f1", "val_loss", "seconds", "cells_per_s", "lr"]
 
 
@@ -333,6 +395,20 @@ def score_run(
     from .metrics import score_predictions, uncertainty_summary
     from .ontology import load_ontology
 
+    run_json = Path(predictions).with_name("run.json")
+    run_info = json.loads(run_json.read_text()) if run_json.exists() else {}
+    if run_info.get("status") == FAILED:
+        logging.getLogger(LOGGER_NAME).warning("run failed in training: %s", run_info["error"])
+        io.write_json(
+            {
+                "status": FAILED,
+                "error": run_info.get("error"),
+                "log_tail": run_info.get("log_tail", ""),
+                "per_class": [],
+            },
+            out,
+        )
+        return
     pred = read_predictions(predictions)
     obs = ad.read_h5ad(data, backed="r").obs
     label_to_cl = (
@@ -420,16 +496,23 @@ def aggregate(
     out_runtime: str,
     out_history: str | None = None,
     out_uncertainty: str | None = None,
+    out_failed: str | None = None,
 ) -> None:
     """Collect every run's scores into tables: per run, per class, per task x method, runtime,
     per-epoch training history and accuracy per uncertainty bin."""
-    rows, per_class, runtime, histories, unc = [], [], [], [], []
+    rows, per_class, runtime, histories, unc, failed = [], [], [], [], [], []
     for path, run in zip(score_paths, runs, strict=True):
         scores = json.loads(Path(path).read_text())
+        if scores.get("status") == FAILED:
+            failed.append(
+                {**run, "error": scores.get("error"), "log_tail": scores.get("log_tail", "")}
+            )
+            continue
         meta = methods.get(run["method"], {})
         base = dict(run)
         base["control"] = bool(meta.get("control", False))
         base["uses_unlabeled"] = bool(meta.get("uses_unlabeled", False))
+        base["placeholder"] = bool(meta.get("placeholder", False))
         rows.append({**base, **{k: scores.get(k) for k in SCORE_COLUMNS}})
         for pc in scores["per_class"]:
             per_class.append({**run, **pc})
@@ -462,6 +545,13 @@ def aggregate(
             }
         )
     scores_df = pd.DataFrame(rows)
+    if out_failed:
+        cols = ["task", "method", "balancing", "replicate", "error", "log_tail"]
+        io.write_table(pd.DataFrame(failed).reindex(columns=cols), out_failed)
+    if failed:
+        logging.getLogger(LOGGER_NAME).warning(
+            "%d runs failed (listed in the report and %s)", len(failed), out_failed
+        )
     if out_history:
         cols = ["task", "method", "balancing", "replicate", *HISTORY_COLUMNS]
         hist_df = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
@@ -477,7 +567,11 @@ def aggregate(
 
 def summarise(scores: pd.DataFrame) -> pd.DataFrame:
     """Mean and sd over replicates per task x method x balancing."""
-    keys = ["task", "method", "balancing", "control", "uses_unlabeled"]
+    keys = [
+        k
+        for k in ["task", "method", "balancing", "control", "uses_unlabeled", "placeholder"]
+        if k in scores
+    ]
     metrics = [
         m for m in ["macro_f1", "macro_f1_ontology", "rare_f1", "accuracy", "ece"] if m in scores
     ]
@@ -489,8 +583,33 @@ def summarise(scores: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def summary_html(summary: str, out: str) -> None:
-    """The summary table as a small standalone HTML page for the report."""
+def failed_runs_html(failed: str | None) -> str:
+    """An HTML section listing failed runs with the tail of their log ('' if none failed)."""
+    if not failed or not Path(failed).exists() or Path(failed).stat().st_size == 0:
+        return ""
+    df = pd.read_csv(failed).fillna("")
+    if df.empty:
+        return ""
+    import html as html_lib
+
+    items = []
+    for _, r in df.iterrows():
+        run = f"{r['task']} / {r['method']} / {r['balancing']} / {r['replicate']}"
+        items.append(
+            f"<h3>{html_lib.escape(run)}</h3><p><b>{html_lib.escape(str(r['error']))}</b></p>"
+            f"<pre style='background:#f6f6f6;padding:6px;font-size:11px'>"
+            f"{html_lib.escape(str(r['log_tail']))}</pre>"
+        )
+    return (
+        f"<h2 style='color:#b00'>Failed runs ({len(df)})</h2>"
+        "<p>These runs crashed and are not in the scores above (table "
+        "<code>results/tables/failed_runs.csv</code>). After fixing the cause, "
+        "<code>make retry-failed</code> reruns them.</p>" + "".join(items)
+    )
+
+
+def summary_html(summary: str, out: str, failed: str | None = None) -> None:
+    """The summary table (and any failed runs) as a small standalone HTML page for the report."""
     df = pd.read_csv(summary)
     fmt = df.copy()
     for m in ["macro_f1", "macro_f1_ontology", "rare_f1", "accuracy", "ece"]:
@@ -505,6 +624,7 @@ def summary_html(summary: str, out: str) -> None:
             "balancing",
             "control",
             "uses_unlabeled",
+            *(["placeholder"] if "placeholder" in fmt else []),
             "n_replicates",
             "macro_f1",
             "macro_f1_ontology",
@@ -521,7 +641,10 @@ def summary_html(summary: str, out: str) -> None:
         "<p>Controls (majority class, random labels) anchor each task. 'macro_f1_ontology' counts a "
         "prediction of the true type or one of its descendants as right (scTab's rule); 'rare_f1' is "
         "the mean F1 of classes with under 5% of the training cells (scBalance's definition, "
-        "configurable).</p>" + fmt.to_html(index=False, border=0) + "</body></html>"
+        "configurable).</p>"
+        + fmt.to_html(index=False, border=0)
+        + failed_runs_html(failed)
+        + "</body></html>"
     )
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(out).with_name(Path(out).name + ".tmp")

@@ -142,6 +142,16 @@ def _check_var_names(expected: list[str], adata: ad.AnnData, role: str) -> None:
     )
 
 
+def _label_ontology(adata: ad.AnnData, label_key: str) -> dict[str, str]:
+    """Label -> Cell Ontology id from ``obs['cell_type_ontology_term_id']`` (if present)."""
+    col = "cell_type_ontology_term_id"
+    if col not in adata.obs or label_key not in adata.obs:
+        return {}
+    pairs = adata.obs[[label_key, col]].astype(str).drop_duplicates()
+    pairs = pairs[pairs[col].str.startswith("CL:")]
+    return dict(zip(pairs[label_key], pairs[col], strict=True))
+
+
 @dataclass
 class FitInputs:
     """What a method receives besides the labelled training (and validation) cells.
@@ -192,6 +202,7 @@ class Method(abc.ABC):
         self.history_: list[dict[str, Any]] = []
         self.logger = get_logger()
         self.fit_inputs_ = FitInputs()
+        self.label_ontology_: dict[str, str] = {}
         self._fitted = False
 
     @classmethod
@@ -254,6 +265,7 @@ class Method(abc.ABC):
             )
         self.label_key = label_key
         self.classes_ = classes
+        self.label_ontology_ = _label_ontology(train, label_key)
         self.var_names_ = var_names
         code = {c: i for i, c in enumerate(self.classes_)}
         y = np.array([code[c] for c in labels], dtype=np.int64)
@@ -361,6 +373,7 @@ class Method(abc.ABC):
             "classes_": list(self.classes_),
             "var_names": list(self.var_names_),
             "label_key": self.label_key,
+            "label_ontology": self.label_ontology_,
             "state": self._state(),
             "history": self.history_,
         }
@@ -397,6 +410,7 @@ class Method(abc.ABC):
         obj.classes_ = [str(c) for c in meta["classes_"]]
         obj.var_names_ = [str(v) for v in meta["var_names"]]
         obj.label_key = meta.get("label_key", "cell_type")
+        obj.label_ontology_ = dict(meta.get("label_ontology") or {})
         obj.history_ = meta.get("history", [])
         obj._set_state(meta.get("state") or {})
         obj._load_weights(path)
