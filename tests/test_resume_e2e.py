@@ -40,7 +40,7 @@ def _workdir(base: Path) -> Path:
 
 
 def _cmd(*extra: str) -> list[str]:
-    return [SNAKEMAKE, "--cores", "1", "--configfile", "tiny.yaml", *extra, TARGET]
+    return [SNAKEMAKE, "--cores", "1", "--configfile=tiny.yaml", *extra, TARGET]
 
 
 @pytest.mark.e2e
@@ -72,6 +72,8 @@ def test_kill_minus_9_then_rerun_resumes_with_identical_predictions(tmp_path):
     assert 10 <= epoch < 150, f"the job was not caught mid-training (epoch {epoch})"
     assert not (wd / TARGET).exists()
 
+    # what a user does after a kill: release Snakemake's lock, rerun the incomplete job
+    subprocess.run(_cmd("--unlock"), cwd=wd, capture_output=True, text=True, timeout=300)
     res = subprocess.run(
         _cmd("--rerun-incomplete"), cwd=wd, capture_output=True, text=True, timeout=900
     )
