@@ -26,6 +26,7 @@ include: "rules/balancing.smk"
 include: "rules/score.smk"
 include: "rules/figures.smk"
 include: "rules/report.smk"
+include: "rules/reproduction.smk"
 
 
 for _method_rules in sorted(Path(workflow.basedir, "rules", "methods").glob("*.smk")):

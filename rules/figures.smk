@@ -1,6 +1,6 @@
 rule figure_method_comparison:
     input:
-        scores="results/tables/scores.csv",
+        scores="results/tables/tasks/{task}/scores.csv",
     output:
         report(
             "results/figures/{task}_method_comparison.png",
@@ -23,7 +23,7 @@ rule figure_method_comparison:
 
 rule figure_f1_vs_train_cells:
     input:
-        per_class="results/tables/per_class.csv",
+        per_class="results/tables/tasks/{task}/per_class.csv",
     output:
         report(
             "results/figures/{task}_f1_vs_train_cells.png",
@@ -46,8 +46,8 @@ rule figure_f1_vs_train_cells:
 
 rule figure_balancing:
     input:
-        scores="results/tables/scores.csv",
-        tests="results/tables/balancing_tests.csv",
+        scores="results/tables/tasks/{task}/scores.csv",
+        tests="results/tables/tasks/{task}/balancing_tests.csv",
     output:
         report(
             "results/figures/{task}_balancing.png",
@@ -71,7 +71,7 @@ rule figure_balancing:
 
 rule figure_balancing_per_class:
     input:
-        per_class="results/tables/per_class.csv",
+        per_class="results/tables/tasks/{task}/per_class.csv",
     output:
         report(
             "results/figures/{task}_balancing_per_class.png",
@@ -119,7 +119,7 @@ rule figure_balancing_runtime:
 
 rule figure_training_curves:
     input:
-        history="results/tables/history.csv",
+        history="results/tables/tasks/{task}/history.csv",
     output:
         report(
             "results/figures/{task}_training_curves.png",
@@ -142,8 +142,8 @@ rule figure_training_curves:
 
 rule figure_uncertainty:
     input:
-        uncertainty="results/tables/uncertainty.csv",
-        scores="results/tables/scores.csv",
+        uncertainty="results/tables/tasks/{task}/uncertainty.csv",
+        scores="results/tables/tasks/{task}/scores.csv",
     output:
         report(
             "results/figures/{task}_uncertainty.png",

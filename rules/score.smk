@@ -17,20 +17,33 @@ rule score:
         "../scripts/score.py"
 
 
+TABLES = ["scores", "per_class", "summary", "runtime", "history", "uncertainty", "failed_runs"]
+
+
+# Per task first (a figure of one task needs only that task's runs), then all tasks together.
+rule aggregate_task:
+    input:
+        scores=lambda w: BENCH.run_paths(w.task, "scores.json"),
+    output:
+        **{t: f"results/tables/tasks/{{task}}/{t}.csv" for t in TABLES},
+    params:
+        runs=lambda w: BENCH.task_runs(w.task),
+        methods=BENCH.method_table(),
+    log:
+        "logs/aggregate/{task}.log",
+    benchmark:
+        "results/benchmarks/aggregate/{task}.tsv"
+    conda:
+        "../envs/bench.yaml"
+    script:
+        "../scripts/aggregate.py"
+
+
 rule aggregate:
     input:
-        scores=BENCH.all_run_paths("scores.json"),
+        **{t: expand(f"results/tables/tasks/{{task}}/{t}.csv", task=BENCH.tasks) for t in TABLES},
     output:
-        scores="results/tables/scores.csv",
-        per_class="results/tables/per_class.csv",
-        summary="results/tables/summary.csv",
-        runtime="results/tables/runtime.csv",
-        history="results/tables/history.csv",
-        uncertainty="results/tables/uncertainty.csv",
-        failed="results/tables/failed_runs.csv",
-    params:
-        runs=BENCH.all_runs(),
-        methods=BENCH.method_table(),
+        **{t: f"results/tables/{t}.csv" for t in TABLES},
     log:
         "logs/aggregate.log",
     benchmark:
@@ -38,14 +51,31 @@ rule aggregate:
     conda:
         "../envs/bench.yaml"
     script:
-        "../scripts/aggregate.py"
+        "../scripts/concat_tables.py"
+
+
+rule balancing_tests_task:
+    input:
+        scores="results/tables/tasks/{task}/scores.csv",
+    output:
+        "results/tables/tasks/{task}/balancing_tests.csv",
+    log:
+        "logs/balancing_tests/{task}.log",
+    benchmark:
+        "results/benchmarks/balancing_tests/{task}.tsv"
+    conda:
+        "../envs/bench.yaml"
+    script:
+        "../scripts/balancing_tests.py"
 
 
 rule balancing_tests:
     input:
-        scores="results/tables/scores.csv",
+        balancing_tests=expand(
+            "results/tables/tasks/{task}/balancing_tests.csv", task=BENCH.crossed_tasks
+        ),
     output:
-        "results/tables/balancing_tests.csv",
+        balancing_tests="results/tables/balancing_tests.csv",
     log:
         "logs/balancing_tests.log",
     benchmark:
@@ -53,4 +83,4 @@ rule balancing_tests:
     conda:
         "../envs/bench.yaml"
     script:
-        "../scripts/balancing_tests.py"
+        "../scripts/concat_tables.py"

@@ -1,4 +1,4 @@
-"""Snakemake entry: results/tables/*.csv from every run's scores."""
+"""Snakemake entry: results/tables/tasks/{task}/*.csv from the task's runs' scores."""
 
 from celltype_bench.steps import aggregate, run_logged
 
@@ -15,5 +15,5 @@ run_logged(
     out_runtime=sm.output.runtime,
     out_history=sm.output.history,
     out_uncertainty=sm.output.uncertainty,
-    out_failed=sm.output.failed,
+    out_failed=sm.output.failed_runs,
 )

@@ -60,7 +60,21 @@ TINY = {
             "strategies": ["none", "weighted_sampling", "smote"],
         },
     },
+    "paper_figures": {
+        "sctab_fig1c": {"figure": "method_comparison", "tasks": ["census_like"]},
+        "scbalance_fig1d": {"figure": "balancing_runtime"},
+    },
+    "reproduction": {"published": "published.yaml"},
 }
+PUBLISHED = {
+    "published": [
+        {"id": "lin", "paper": "scTab", "source": "Fig. 1c", "metric": "macro_f1",
+         "value": 0.7848, "sd": 0.0001, "task": "census_like", "method": "linear",
+         "tolerance": 0.9},
+        {"id": "xgb", "paper": "scTab", "source": "Fig. 1c", "metric": "macro_f1",
+         "value": 0.8127, "task": "census", "method": "xgboost"},
+    ]
+}  # fmt: skip
 
 
 def _copy_workflow(dest: Path) -> None:
@@ -80,6 +94,7 @@ def _copy_workflow(dest: Path) -> None:
     shutil.copy(FIXTURES / "toy_external.smk", dest / "rules" / "methods" / "toy_external.smk")
     shutil.copy(FIXTURES / "toy_external.py", dest / "rules" / "methods" / "toy_external.py")
     (dest / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    (dest / "published.yaml").write_text(yaml.safe_dump(PUBLISHED))
 
 
 def _scaffold(dest: Path) -> None:
@@ -226,6 +241,24 @@ def test_history_uncertainty_tables_and_figures(workflow_run):
             assert (workflow_run / f"results/figures/{task}_{fig}.png").stat().st_size > 10_000
     # checkpoints are removed once a run's outputs are written
     assert not list((workflow_run / "results/checkpoints").rglob("checkpoint.pt"))
+
+
+@pytest.mark.e2e
+def test_reproduction_section_and_paper_figure_targets(workflow_run, tmp_path):
+    rep = pd.read_csv(workflow_run / "results/tables/reproduction.csv")
+    assert rep.set_index("id").loc["lin", "status"] == "within tolerance"
+    assert rep.set_index("id").loc["xgb", "status"] == "not run"
+    assert rep.set_index("id").loc["xgb", "reproduced"] == "not run"
+    html = (workflow_run / "results/tables/reproduction.html").read_text()
+    assert "not run" in html and "0.7848" in html
+    # a figure target plans only its own task's runs
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    _copy_workflow(fresh)
+    res = _snakemake(fresh, "-n", "sctab_fig1c")
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert "results/census_like/linear" in out and "results/pbmc68k/" not in out
 
 
 @pytest.mark.e2e

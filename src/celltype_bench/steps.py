@@ -565,6 +565,22 @@ def aggregate(
     io.write_table(summarise(scores_df), out_summary)
 
 
+def concat_tables(*, inputs: dict[str, list[str]], outputs: dict[str, str]) -> None:
+    """Concatenate same-named per-task tables into one table per name (``summary`` is
+    re-sorted by task, then macro F1)."""
+    for name, paths in inputs.items():
+        frames = []
+        for path in paths:
+            try:
+                frames.append(pd.read_csv(path))
+            except pd.errors.EmptyDataError:
+                continue
+        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        if name == "summary" and not df.empty:
+            df = df.sort_values(["task", "macro_f1_mean"], ascending=[True, False])
+        io.write_table(df, outputs[name])
+
+
 def summarise(scores: pd.DataFrame) -> pd.DataFrame:
     """Mean and sd over replicates per task x method x balancing."""
     keys = [

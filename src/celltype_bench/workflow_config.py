@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import InputError
 
@@ -272,6 +272,17 @@ class WorkflowConfig:
                         )
         return runs
 
+    def task_runs(self, task: str) -> list[dict[str, str]]:
+        """The runs of one task."""
+        return [r for r in self.all_runs() if r["task"] == task]
+
+    @property
+    def crossed_tasks(self) -> list[str]:
+        """Tasks on which some method is crossed with several balancing strategies."""
+        return [
+            t for t in self.tasks if any(m in self.crossed_methods for m in self.methods_for(t))
+        ]
+
     def run_paths(self, task: str, filename: str) -> list[str]:
         return [
             f"results/{r['task']}/{r['method']}/{r['balancing']}/{r['replicate']}/{filename}"
@@ -307,6 +318,40 @@ class WorkflowConfig:
             }
         return out
 
+    # ---- paper figures and the reproduction section --------------------------------------
+    FIGURE_FILES: ClassVar[dict[str, str]] = {
+        "method_comparison": "results/figures/{task}_method_comparison.png",
+        "f1_vs_train_cells": "results/figures/{task}_f1_vs_train_cells.png",
+        "training_curves": "results/figures/{task}_training_curves.png",
+        "uncertainty": "results/figures/{task}_uncertainty.png",
+        "balancing": "results/figures/{task}_balancing.png",
+        "balancing_per_class": "results/figures/{task}_balancing_per_class.png",
+        "balancing_runtime": "results/figures/balancing_runtime.png",
+        "reproduction": "results/tables/reproduction.html",
+    }
+
+    @property
+    def published_file(self) -> str | None:
+        """The YAML file whose ``published:`` list the reproduction section compares with."""
+        return self.raw.get("reproduction", {}).get("published", "config/paper.yaml")
+
+    def figure_targets(self) -> dict[str, list[str]]:
+        """Snakemake target per paper figure (config ``paper_figures``): name -> files.
+
+        A figure whose tasks are all missing from this config is left out.
+        """
+        out: dict[str, list[str]] = {}
+        for name, spec in self.raw.get("paper_figures", {}).items():
+            pattern = self.FIGURE_FILES[spec["figure"]]
+            if "{task}" in pattern:
+                tasks = [t for t in spec.get("tasks", []) if t in self.tasks]
+                files = [pattern.format(task=t) for t in tasks]
+            else:
+                files = [pattern]
+            if files:
+                out[name] = files
+        return out
+
     def all_targets(self) -> list[str]:
         targets = ["results/tables/scores.csv", "results/tables/summary.html"]
         for task in self.tasks:
@@ -321,6 +366,8 @@ class WorkflowConfig:
             targets.append("results/tables/balancing_tests.csv")
         if self.balancing.get("runtime_sweep"):
             targets.append("results/figures/balancing_runtime.png")
+        if self.published_file:
+            targets.append("results/tables/reproduction.html")
         return targets
 
 
