@@ -162,3 +162,31 @@ rule figure_uncertainty:
         "../envs/bench.yaml"
     script:
         "../scripts/figure_uncertainty.py"
+
+
+rule figure_scaling:
+    input:
+        scores=lambda w: expand(
+            "results/tables/tasks/{t}/scores.csv", t=BENCH.scaling_tasks(w.task)
+        ),
+        runtime=lambda w: expand(
+            "results/tables/tasks/{t}/runtime.csv", t=BENCH.scaling_tasks(w.task)
+        ),
+    output:
+        report(
+            "results/figures/{task}_scaling.png",
+            caption="../report/scaling.rst",
+            category="Scaling",
+            subcategory="{task}",
+            labels={"task": "{task}", "figure": "scaling with training data"},
+        ),
+    params:
+        dpi=config["figures"]["dpi"],
+    log:
+        "logs/figures/{task}_scaling.log",
+    benchmark:
+        "results/benchmarks/figures/{task}_scaling.tsv"
+    conda:
+        "../envs/bench.yaml"
+    script:
+        "../scripts/figure_scaling.py"

@@ -31,6 +31,12 @@ TINY = {
             "split": {"kind": "donor", "val_fraction": 0.15, "test_fraction": 0.15, "seed": 1},
             "replicates": 1,
             "methods": ["majority", "linear", "scbalance"],
+            "scaling": {
+                "fractions": [0.5, 1.0],
+                "kinds": ["donors", "cells"],
+                "methods": ["linear"],
+                "replicates": 1,
+            },
         },
     },
     "methods": {
@@ -241,6 +247,23 @@ def test_history_uncertainty_tables_and_figures(workflow_run):
             assert (workflow_run / f"results/figures/{task}_{fig}.png").stat().st_size > 10_000
     # checkpoints are removed once a run's outputs are written
     assert not list((workflow_run / "results/checkpoints").rglob("checkpoint.pt"))
+
+
+@pytest.mark.e2e
+def test_scaling_tiers_and_figure(workflow_run):
+    scores = pd.read_csv(workflow_run / "results/tables/scores.csv")
+    runtime = pd.read_csv(workflow_run / "results/tables/runtime.csv")
+    tiers = ["census_like-donors-50", "census_like-donors-100", "census_like-cells-50"]
+    assert set(tiers) <= set(scores.task)
+    assert set(scores.loc[scores.task.isin(tiers), "method"]) == {"linear"}
+    n = runtime.set_index("task")["n_train"]
+    assert n["census_like-donors-50"] < n["census_like-donors-100"]
+    assert n["census_like-cells-50"] == n["census_like-donors-50"]  # the control, same size
+    assert scores["test_loss"].notna().any()
+    from celltype_bench.figures import figure_methods
+
+    png = workflow_run / "results/figures/census_like_scaling.png"
+    assert figure_methods(png) == ["linear"]
 
 
 @pytest.mark.e2e

@@ -355,3 +355,48 @@ def uncertainty_accuracy(
     if methods:
         ax.legend(fontsize=7, frameon=False)
     _save(fig, out, dpi, methods)
+
+
+def scaling_curves(
+    scores: list[str], runtime: list[str], task: str, out: str, dpi: int = 120
+) -> None:
+    """Macro F1 and test loss vs training cells over nested tiers (scTab Fig. 2b/2d).
+
+    One line per model and subsampling kind (by donors: more diversity; by cells: the
+    control with the same cell counts); points are tiers, mean over replicates with sd bars.
+    """
+    sc = pd.concat([pd.read_csv(p) for p in scores], ignore_index=True)
+    rt = pd.concat([pd.read_csv(p) for p in runtime], ignore_index=True)
+    if sc.empty:
+        raise InputError(f"no scores for the tiers of '{task}'", fix="rerun the tier tasks")
+    keys = ["task", "method", "balancing", "replicate"]
+    df = sc.merge(rt[[*keys, "n_train"]], on=keys, how="left")
+    df = df[~df["control"].astype(bool)]
+    df["kind"] = df["task"].str.extract(r"-(donors|cells)-\d+$")[0]
+    df = df.dropna(subset=["kind"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    methods = sorted(df["method"].unique())
+    styles = {"donors": "-", "cells": "--"}
+    colours = dict(zip(methods, sns.color_palette(n_colors=max(1, len(methods))), strict=False))
+    for (method, kind), g in df.groupby(["method", "kind"]):
+        agg = g.groupby("task").agg(
+            n=("n_train", "mean"),
+            f1=("macro_f1", "mean"),
+            f1_sd=("macro_f1", "std"),
+            loss=("test_loss", "mean"),
+            loss_sd=("test_loss", "std"),
+        )
+        agg = agg.sort_values("n")
+        label = f"{method}, by {kind}"
+        for ax, y, e in ((axes[0], "f1", "f1_sd"), (axes[1], "loss", "loss_sd")):
+            ax.errorbar(
+                agg["n"], agg[y], yerr=agg[e].fillna(0), label=label, marker="o",
+                linestyle=styles[kind], color=colours[method], capsize=2,
+            )  # fmt: skip
+    for ax, lab in ((axes[0], "test macro F1"), (axes[1], "test loss (cross-entropy)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("training cells (log scale)")
+        ax.set_ylabel(lab)
+    axes[0].legend(fontsize=7, frameon=False)
+    fig.suptitle(f"{task}: scaling with training data (nested tiers, validation and test fixed)")
+    _save(fig, out, dpi, methods)

@@ -119,7 +119,15 @@ def split_task(data: str, out: str, spec: dict[str, Any]) -> None:
 
     log = logging.getLogger(LOGGER_NAME)
     adata = io.read_h5ad(data)
+    spec = dict(spec)
+    tier = spec.pop("tier", None)
     split = make_split(adata.obs, spec)
+    if tier:
+        from .data.tiers import apply_tier
+
+        donor_key = spec.get("donor_key", "donor_id")
+        split = apply_tier(split, adata.obs, donor_key=donor_key, **tier)
+        log.info("training tier: %s", tier)
     counts = split.groupby(["replicate", "role"]).size().unstack(fill_value=0)
     log.info("split %s:\n%s", spec, counts.to_string())
     io.write_table(split, out)
@@ -433,6 +441,7 @@ def score_run(
         )
     scores = score_predictions(pred, label_to_cl, train_counts, load_ontology())
     scores.update(rare_class_f1(scores["per_class"], train_counts, rare_fraction))
+    scores.update(test_log_loss(pred))
     scores.update(
         uncertainty_summary(
             (pred["predicted_label"] == pred["true_label"]).to_numpy(), uncertainty_of(pred)
@@ -446,6 +455,26 @@ def score_run(
         scores["ece"],
     )
     io.write_json(scores, out)
+
+
+def test_log_loss(pred: pd.DataFrame) -> dict[str, Any]:
+    """Mean cross-entropy -log p(true label) over test cells whose label the method knows
+    (scTab's test loss; cells of classes unseen in training are left out and counted)."""
+    from .contract import PROBA_PREFIX
+
+    cols = {c[len(PROBA_PREFIX) :]: c for c in pred.columns if str(c).startswith(PROBA_PREFIX)}
+    known = pred["true_label"].astype(str).isin(cols)
+    if not known.any():
+        return {"test_loss": None, "n_test_unseen_class": int(len(pred))}
+    sub = pred[known]
+    names = list(cols)
+    P = sub[[cols[c] for c in names]].to_numpy(dtype=float)
+    idx = pd.Index(names).get_indexer(sub["true_label"].astype(str))
+    p = P[np.arange(len(sub)), idx]
+    return {
+        "test_loss": float(-np.log(np.clip(p, 1e-12, None)).mean()),
+        "n_test_unseen_class": int((~known).sum()),
+    }
 
 
 def rare_class_f1(
@@ -472,6 +501,7 @@ SCORE_COLUMNS = [
     "n_rare_classes",
     "weighted_f1",
     "ece",
+    "test_loss",
     "error_auroc",
     "mean_uncertainty",
     "n_test",
@@ -589,7 +619,9 @@ def summarise(scores: pd.DataFrame) -> pd.DataFrame:
         if k in scores
     ]
     metrics = [
-        m for m in ["macro_f1", "macro_f1_ontology", "rare_f1", "accuracy", "ece"] if m in scores
+        m
+        for m in ["macro_f1", "macro_f1_ontology", "rare_f1", "accuracy", "ece", "test_loss"]
+        if m in scores
     ]
     g = scores.groupby(keys, observed=True)[metrics]
     out = g.mean().add_suffix("_mean").join(g.std(ddof=1).add_suffix("_sd")).reset_index()

@@ -36,7 +36,9 @@ class WorkflowConfig:
 
     def __post_init__(self) -> None:
         self.datasets = self.raw["datasets"]
-        self.tasks = self.raw["tasks"]
+        from .data.tiers import expand_scaling
+
+        self.tasks = expand_scaling(self.raw["tasks"])
         self.methods = {k: dict(v or {}) for k, v in self.raw["methods"].items()}
 
     # ---- checks ---------------------------------------------------------------------------
@@ -243,7 +245,18 @@ class WorkflowConfig:
     def split_spec(self, task: str) -> dict[str, Any]:
         spec = dict(self.tasks[task]["split"])
         spec["n_replicates"] = self.n_replicates(task)
+        if "tier" in self.tasks[task]:
+            spec["tier"] = dict(self.tasks[task]["tier"])
         return spec
+
+    def scaling_tasks(self, base: str) -> list[str]:
+        """The derived tier tasks of a task with a ``scaling`` block."""
+        return [t for t, s in self.tasks.items() if s.get("scaling_of") == base]
+
+    @property
+    def scaled_tasks(self) -> list[str]:
+        """Tasks with a ``scaling`` block (each gets a scaling figure)."""
+        return [t for t, s in self.tasks.items() if s.get("scaling") is not None]
 
     def n_replicates(self, task: str) -> int:
         spec = self.tasks[task]
@@ -259,8 +272,13 @@ class WorkflowConfig:
         """Every (task, method, balancing, replicate) the config asks for."""
         runs = []
         for task in self.tasks:
+            derived = "scaling_of" in self.tasks[task]
             for method in self.methods_for(task):
-                for balancing in self.balancings_for(method):
+                # tier tasks (scaling curves) run each method with its native balancing only
+                strategies = self.balancings_for(method)
+                if derived:
+                    strategies = [self.resolve_balancing(method, "native")]
+                for balancing in strategies:
                     for i in range(self.n_replicates(task)):
                         runs.append(
                             {
@@ -277,10 +295,17 @@ class WorkflowConfig:
         return [r for r in self.all_runs() if r["task"] == task]
 
     @property
+    def primary_tasks(self) -> list[str]:
+        """Tasks of the config (not the derived tiers of scaling curves)."""
+        return [t for t, s in self.tasks.items() if "scaling_of" not in s]
+
+    @property
     def crossed_tasks(self) -> list[str]:
         """Tasks on which some method is crossed with several balancing strategies."""
         return [
-            t for t in self.tasks if any(m in self.crossed_methods for m in self.methods_for(t))
+            t
+            for t in self.primary_tasks
+            if any(m in self.crossed_methods for m in self.methods_for(t))
         ]
 
     def run_paths(self, task: str, filename: str) -> list[str]:
@@ -327,6 +352,7 @@ class WorkflowConfig:
         "balancing": "results/figures/{task}_balancing.png",
         "balancing_per_class": "results/figures/{task}_balancing_per_class.png",
         "balancing_runtime": "results/figures/balancing_runtime.png",
+        "scaling": "results/figures/{task}_scaling.png",
         "reproduction": "results/tables/reproduction.html",
     }
 
@@ -354,12 +380,12 @@ class WorkflowConfig:
 
     def all_targets(self) -> list[str]:
         targets = ["results/tables/scores.csv", "results/tables/summary.html"]
-        for task in self.tasks:
+        for task in self.primary_tasks:
             targets.append(f"results/figures/{task}_method_comparison.png")
             targets.append(f"results/figures/{task}_f1_vs_train_cells.png")
             targets.append(f"results/figures/{task}_training_curves.png")
             targets.append(f"results/figures/{task}_uncertainty.png")
-            if any(m in self.crossed_methods for m in self.methods_for(task)):
+            if task in self.crossed_tasks:
                 targets.append(f"results/figures/{task}_balancing.png")
                 targets.append(f"results/figures/{task}_balancing_per_class.png")
         if self.crossed_methods:
@@ -368,6 +394,8 @@ class WorkflowConfig:
             targets.append("results/figures/balancing_runtime.png")
         if self.published_file:
             targets.append("results/tables/reproduction.html")
+        for task in self.scaled_tasks:
+            targets.append(f"results/figures/{task}_scaling.png")
         return targets
 
 
