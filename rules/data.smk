@@ -1,4 +1,14 @@
+def fetch_inputs(wildcards):
+    """A combined dataset (source kind 'combine') is built from its parts' raw files."""
+    source = BENCH.datasets[wildcards.dataset]["source"]
+    if source.get("kind") == "combine":
+        return [f"data/raw/{part}.h5ad" for part in source.get("parts", [])]
+    return []
+
+
 rule fetch:
+    input:
+        fetch_inputs,
     output:
         "data/raw/{dataset}.h5ad",
     params:

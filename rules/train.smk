@@ -28,8 +28,12 @@ rule train:
         method=BENCH.python_method_regex,
     threads: lambda w: BENCH.method_threads(w.method)
     resources:
+        # from the workflow config: methods.<name>.resources (BENCH.method_resources); torch
+        # methods ask for one GPU unless it says gpu: 0 (ignored by the local executor)
         mem_mb=lambda w: BENCH.method_resource(w.method, "mem_mb"),
         runtime=lambda w: BENCH.method_resource(w.method, "runtime"),
+        cpus_per_task=lambda w: BENCH.method_resource(w.method, "cpus_per_task"),
+        gpu=lambda w: BENCH.method_resource(w.method, "gpu"),
     log:
         "logs/train/{task}/{method}/{balancing}/{replicate}.log",
     benchmark:

@@ -1,7 +1,6 @@
 """Snakemake entry: scTab augmentation vectors of one task replicate's training cells."""
 
 from celltype_bench.augmentation import augmentation_step
-
 from celltype_bench.steps import run_logged
 
 sm = snakemake  # noqa: F821  (injected by Snakemake)

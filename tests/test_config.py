@@ -22,11 +22,25 @@ def test_default_config_is_valid(cfg):
     validate(cfg, SCHEMA)
     bench = WorkflowConfig.from_dict(cfg)
     runs = bench.all_runs()
-    assert {r["task"] for r in runs} == set(cfg["tasks"])
+    assert {r["task"] for r in runs} == set(bench.tasks)
+    assert set(bench.primary_tasks) == set(cfg["tasks"])
+    for base in bench.scaled_tasks:
+        assert bench.scaling_tasks(base), f"{base} has a scaling block but no tier tasks"
     n_cross = len(cfg["balancing"]["per_method"]["scbalance"])
-    assert len([r for r in runs if r["task"] == "pbmc68k"]) == 5 * (
-        len(cfg["methods"]) - 1 + n_cross
-    )
+    on_pbmc = bench.methods_for("pbmc68k")
+    assert "scbalance" in on_pbmc and "sctab" not in on_pbmc  # sctab: tasks [census_like*]
+    assert len([r for r in runs if r["task"] == "pbmc68k"]) == 5 * (len(on_pbmc) - 1 + n_cross)
+
+
+def test_method_tasks_patterns_and_replicate_cap(cfg):
+    cfg = copy.deepcopy(cfg)
+    cfg["methods"]["linear"]["tasks"] = ["census_like*"]
+    cfg["methods"]["linear"]["replicates"] = 2
+    bench = WorkflowConfig.from_dict(cfg)
+    runs = [r for r in bench.all_runs() if r["method"] == "linear"]
+    assert {r["task"] for r in runs} >= {"census_like", "census_like-donors-15"}
+    assert "pbmc68k" not in {r["task"] for r in runs}
+    assert {r["replicate"] for r in runs if r["task"] == "census_like"} == {"r0", "r1"}
 
 
 def test_misspelt_key_is_named(cfg):

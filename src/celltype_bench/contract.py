@@ -68,9 +68,42 @@ def make_predictions(
     return pd.concat([out, probs], axis=1)
 
 
+def _numeric_block(df: pd.DataFrame, cols: list[str], where: str | None) -> np.ndarray:
+    """The columns as a float matrix; a non-numeric or complex value is an InputError."""
+    out = np.empty((len(df), len(cols)), dtype=float)
+    for j, col in enumerate(cols):
+        values = df[col]
+        if values.dtype.kind == "c" or any(isinstance(v, complex) for v in values):
+            raise InputError(
+                f"column '{col}' holds complex numbers",
+                file=where,
+                field=col,
+                fix="write real probabilities in [0, 1]",
+            )
+        num = pd.to_numeric(values, errors="coerce")
+        bad = num.isna() & values.notna()
+        if bad.any():
+            raise InputError(
+                f"column '{col}' holds a non-numeric value ({values[bad].iloc[0]!r})",
+                file=where,
+                field=col,
+                fix="write numbers (softmax probabilities), not text",
+            )
+        out[:, j] = num.to_numpy(dtype=float)
+    return out
+
+
 def validate_predictions(df: pd.DataFrame, path: str | os.PathLike | None = None) -> pd.DataFrame:
     """Check a predictions table against the contract; raise InputError naming the problem."""
     where = None if path is None else str(path)
+    dup_cols = sorted({str(c) for c in df.columns[df.columns.duplicated()]})
+    if dup_cols:
+        raise InputError(
+            f"predictions table has the column(s) {dup_cols} more than once",
+            file=where,
+            field=dup_cols[0],
+            fix="write each column once",
+        )
     for col in REQUIRED_COLUMNS:
         if col not in df.columns:
             raise InputError(
@@ -87,6 +120,15 @@ def validate_predictions(df: pd.DataFrame, path: str | os.PathLike | None = None
             field=PROBA_PREFIX + "<class>",
             fix="add one 'proba:<class>' column per class; a hard classifier writes 1.0 for its label and 0.0 elsewhere",
         )
+    for col in ("cell_id", "true_label"):
+        missing = df[col].isna()
+        if missing.any():
+            raise InputError(
+                f"{int(missing.sum())} row(s) have no {col}",
+                file=where,
+                field=col,
+                fix=f"write a {col} on every row",
+            )
     if df["cell_id"].duplicated().any():
         dup = df.loc[df["cell_id"].duplicated(), "cell_id"].iloc[0]
         raise InputError(
@@ -95,7 +137,7 @@ def validate_predictions(df: pd.DataFrame, path: str | os.PathLike | None = None
             field="cell_id",
             fix="write one row per test cell",
         )
-    p = df[pcols].to_numpy(dtype=float)
+    p = _numeric_block(df, pcols, where)
     if not np.all(np.isfinite(p)) or (p < -1e-6).any():
         raise InputError(
             "probabilities must be finite and non-negative",
@@ -107,7 +149,7 @@ def validate_predictions(df: pd.DataFrame, path: str | os.PathLike | None = None
     if len(sums) and not np.allclose(sums, 1.0, atol=1e-3):
         bad = int(np.argmax(np.abs(sums - 1.0)))
         raise InputError(
-            f"probabilities of cell '{df['cell_id'].iloc[bad]}' sum to {sums[bad]:.4f}, not 1",
+            f"probabilities of cell '{df['cell_id'].iloc[bad]}' sum to {sums[bad]:.4g}, not 1",
             file=where,
             field=PROBA_PREFIX + "*",
             fix="normalise each row to sum to 1",

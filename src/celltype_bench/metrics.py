@@ -23,6 +23,7 @@ from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 from .contract import classes_of, proba_columns, validate_predictions
 from .errors import InputError
+from .labels import empty_values
 from .ontology import CellOntology
 
 
@@ -81,25 +82,86 @@ def expected_calibration_error(
     return float(np.abs(acc_sum - conf_sum).sum() / n)
 
 
+def _not_real(col: pd.Series) -> str | None:
+    """What makes a column not hold real numbers (None when it does)."""
+    if pd.api.types.is_complex_dtype(col.dtype):
+        return f"has complex dtype {col.dtype}"
+    if pd.api.types.is_numeric_dtype(col.dtype):
+        return None
+    coerced = pd.to_numeric(col, errors="coerce")
+    n_bad = int((col.notna() & coerced.isna()).sum())
+    return f"has {n_bad} non-numeric values" if n_bad else None
+
+
+def check_scorable(pred: Any, source: str | None = None) -> pd.DataFrame:
+    """Check a predictions table before scoring; raise InputError naming the bad field.
+
+    On top of :func:`contract.validate_predictions`: a DataFrame with unique column names,
+    numeric probability columns, at least one row, and no missing ``cell_id``/``true_label``.
+    """
+    fix_rerun = "fix the method's output and rerun the training rule that writes the file"
+    if not isinstance(pred, pd.DataFrame):
+        raise InputError(
+            f"predictions must be a table (pandas DataFrame), got {type(pred).__name__}",
+            file=source,
+            field="predictions",
+            fix="read the file with celltype_bench.contract.read_predictions",
+        )
+    dup_cols = pred.columns[pred.columns.duplicated()].unique().tolist()
+    if dup_cols:
+        raise InputError(
+            f"columns {[str(c) for c in dup_cols[:5]]} appear more than once",
+            file=source,
+            field=str(dup_cols[0]),
+            fix="write each column once; " + fix_rerun,
+        )
+    for col in proba_columns(pred):
+        problem = _not_real(pred[col])
+        if problem:
+            raise InputError(
+                f"probability column '{col}' {problem}",
+                file=source,
+                field=str(col),
+                fix="write real numbers (softmax outputs) in every 'proba:<class>' column; "
+                + fix_rerun,
+            )
+    validate_predictions(pred, source)
+    if len(pred) == 0:
+        raise InputError(
+            "predictions table has no rows",
+            file=source,
+            field="cell_id",
+            fix="check that the split has test cells and rerun the training rule",
+        )
+    for col in ("cell_id", "true_label"):
+        missing = empty_values(pred[col])
+        if missing.any():
+            raise InputError(
+                f"{int(missing.sum())} rows have a missing or empty {col} "
+                f"(e.g. row {int(np.flatnonzero(missing)[0])})",
+                file=source,
+                field=col,
+                fix="write the processed dataset's obs names and author labels of the test "
+                "cells; " + fix_rerun,
+            )
+    return pred
+
+
 def score_predictions(
     pred: pd.DataFrame,
     label_to_cl: Mapping[str, str],
     train_counts: Mapping[str, int],
     ontology: CellOntology,
+    source: str | None = None,
 ) -> dict[str, Any]:
     """Score a contract predictions table; returns a JSON-serialisable dict.
 
+    ``source`` names the predictions file in errors (see :func:`check_scorable`).
     Keys: n_test, accuracy, macro_f1, macro_f1_ontology, weighted_f1, ece and ``per_class``
     (one entry per true test class: label, cl_id, f1, f1_ontology, precision, recall,
     support_test, n_train).
     """
-    validate_predictions(pred)
-    if len(pred) == 0:
-        raise InputError(
-            "predictions table has no rows",
-            field="cell_id",
-            fix="check that the split has test cells and rerun the training rule",
-        )
+    check_scorable(pred, source)
     y_true = pred["true_label"].astype(str).to_numpy()
     y_pred = pred["predicted_label"].astype(str).to_numpy()
     y_onto = ontology_corrected(y_true, y_pred, label_to_cl, ontology)

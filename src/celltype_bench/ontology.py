@@ -35,6 +35,8 @@ SOURCE_FILE = f"CL-ontology-{CL_VERSION}.json.zst"
 # Bump when the OBO writer changes, so stale caches are not reused.
 OBO_FORMAT_TAG = "1"
 CACHE_ENV = "CELLTYPE_BENCH_CACHE"
+MAX_LISTED = 25
+"""At most this many unmapped labels are spelt out (with suggestions) in one error."""
 
 
 def default_cache_dir() -> Path:
@@ -349,9 +351,12 @@ def map_labels(
         else:
             out[label] = tid
     if problems:
+        shown = "; ".join(problems[:MAX_LISTED])
+        if len(problems) > MAX_LISTED:
+            shown += f"; ... and {len(problems) - MAX_LISTED} more"
         raise InputError(
             f"{len(problems)} author label(s) could not be mapped to Cell Ontology "
-            f"{onto.version}: " + "; ".join(problems),
+            f"{onto.version}: " + shown,
             file=source,
             field="cell_type",
             fix="add them to the dataset's label_map in config.yaml, mapping each author "

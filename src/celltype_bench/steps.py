@@ -398,8 +398,6 @@ def score_run(
     rare_fraction: float = 0.05,
 ) -> None:
     """Score one predictions file: plain and ontology-corrected metrics, per-class F1."""
-    import anndata as ad
-
     from .metrics import score_predictions, uncertainty_summary
     from .ontology import load_ontology
 
@@ -418,7 +416,15 @@ def score_run(
         )
         return
     pred = read_predictions(predictions)
-    obs = ad.read_h5ad(data, backed="r").obs
+    obs = io.read_obs(data)
+    for col in ("cell_type", "cell_type_ontology_term_id"):
+        if col not in obs:
+            raise InputError(
+                f"the processed dataset has no obs column '{col}'",
+                file=data,
+                field=col,
+                fix="delete it and rerun the 'preprocess' rule that writes it",
+            )
     label_to_cl = (
         obs[["cell_type", "cell_type_ontology_term_id"]]
         .astype(str)
@@ -426,10 +432,27 @@ def score_run(
         .set_index("cell_type")["cell_type_ontology_term_id"]
         .to_dict()
     )
-    table = pd.read_parquet(split)
+    table = io.read_table(split)
+    for col in ("cell_id", "replicate", "role"):
+        if col not in table:
+            raise InputError(
+                f"the split table has no column '{col}'",
+                file=split,
+                field=col,
+                fix="delete it and rerun the 'split' rule that writes it",
+            )
     train_ids = table.loc[
         (table["replicate"] == replicate) & (table["role"] == "train"), "cell_id"
     ].astype(str)
+    stale = ~train_ids.isin(obs.index)
+    if stale.any():
+        raise InputError(
+            f"{int(stale.sum())} training cells of replicate '{replicate}' are not in the "
+            f"dataset (e.g. '{train_ids[stale].iloc[0]}'); the split is stale",
+            file=split,
+            field="cell_id",
+            fix="delete it and rerun the 'split' rule that writes it",
+        )
     train_counts = obs.loc[train_ids, "cell_type"].astype(str).value_counts().to_dict()
     missing = sorted(set(pred["cell_id"]) - set(obs.index))
     if missing:
@@ -439,7 +462,7 @@ def score_run(
             field="cell_id",
             fix="write the obs names of the processed dataset's test cells",
         )
-    scores = score_predictions(pred, label_to_cl, train_counts, load_ontology())
+    scores = score_predictions(pred, label_to_cl, train_counts, load_ontology(), source=predictions)
     scores.update(rare_class_f1(scores["per_class"], train_counts, rare_fraction))
     scores.update(test_log_loss(pred))
     scores.update(

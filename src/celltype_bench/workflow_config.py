@@ -45,6 +45,7 @@ class WorkflowConfig:
     def _check(self) -> None:
         from .methods import available
 
+        self._check_names()
         for key, spec in self.methods.items():
             if spec.get("module"):
                 import_method_module(spec["module"], where=f"{self.source}: methods.{key}.module")
@@ -82,6 +83,41 @@ class WorkflowConfig:
                         field=f"tasks.{task}.methods",
                         fix=f"use one of {sorted(self.methods)}",
                     )
+            for d in spec.get("unlabeled", []):
+                if d not in self.datasets:
+                    raise InputError(
+                        f"task '{task}' lists unknown unlabeled dataset '{d}'",
+                        file=self.source,
+                        field=f"tasks.{task}.unlabeled",
+                        fix=f"use one of {sorted(self.datasets)}",
+                    )
+
+    def _check_names(self) -> None:
+        """Names that become wildcards (file paths, shell words) must match ``name_regex``.
+
+        config/schema.yaml enforces the same pattern; this repeats it for configs built without
+        schema validation, so a name like '../x', 'a b', 'a;rm' or '$(x)' never reaches a path.
+        """
+        pattern = re.compile(self.name_regex)
+        bal = self.balancing
+        named: list[tuple[str, object]] = [
+            *((f"datasets.{k}", k) for k in self.datasets),
+            *((f"tasks.{k}", k) for k in self.raw["tasks"]),
+            *((f"methods.{k}", k) for k in self.methods),
+            *(("balancing.default", n) for n in bal.get("default", [])),
+            *((f"balancing.external.{k}", k) for k in bal.get("external", {})),
+        ]
+        for key, names in bal.get("per_method", {}).items():
+            named += [(f"balancing.per_method.{key}", key)]
+            named += [(f"balancing.per_method.{key}", n) for n in names]
+        for where, name in named:
+            if not isinstance(name, str) or not pattern.fullmatch(name):
+                raise InputError(
+                    f"name {name!r} is not allowed: names become file paths and wildcards",
+                    file=self.source,
+                    field=where,
+                    fix="use letters, digits, '_' and '-' only, starting with a letter or digit",
+                )
 
     def _check_balancing(self) -> None:
         from . import balancing
@@ -202,9 +238,31 @@ class WorkflowConfig:
     def method_threads(self, key: str) -> int:
         return int(self.methods.get(key, {}).get("threads", 1))
 
+    def method_resources(self, key: str) -> dict[str, Any]:
+        """Snakemake resources of a method's training jobs (one place: the workflow config).
+
+        Defaults: ``DEFAULT_RESOURCES`` (mem_mb, runtime in minutes), ``cpus_per_task`` = the
+        method's ``threads``, and ``gpu``: 1 for torch methods (registry classes subclassing
+        :class:`~celltype_bench.methods.base.TorchMethod`), 0 for the others. Config
+        ``methods.<key>.resources`` overrides any of them (``gpu: 0`` keeps a torch method off
+        GPUs) and may add more. The SLURM executor turns ``gpu: N`` into ``--gpus=N``; the
+        local executor ignores ``gpu`` unless ``--resources gpu=N`` declares a pool.
+        """
+        from .methods.base import TorchMethod
+
+        cls = self.method_class(key) if key in self.methods else None
+        torch_method = isinstance(cls, type) and issubclass(cls, TorchMethod)
+        res: dict[str, Any] = {
+            **DEFAULT_RESOURCES,
+            "cpus_per_task": self.method_threads(key),
+            "gpu": 1 if torch_method else 0,
+        }
+        res.update(self.methods.get(key, {}).get("resources") or {})
+        return res
+
     def method_resource(self, key: str, name: str) -> Any:
-        res = self.methods.get(key, {}).get("resources", {})
-        return res.get(name, DEFAULT_RESOURCES.get(name))
+        """One resource of :meth:`method_resources` (None when neither set nor defaulted)."""
+        return self.method_resources(key).get(name)
 
     def method_class(self, key: str) -> Any:
         """The registry class of a Python method key (None for external methods)."""
@@ -216,7 +274,11 @@ class WorkflowConfig:
     def method_augments(self, key: str) -> bool:
         """Whether a method trains with augmentation vectors (its ``augment`` parameter)."""
         cls = self.method_class(key)
-        if cls is None or "augment" not in cls.default_params:
+        if cls is None:
+            return False
+        if hasattr(cls, "augments"):  # e.g. an ensemble asks its member
+            return bool(cls.augments(self.methods[key].get("params", {})))
+        if "augment" not in cls.default_params:
             return False
         return bool(
             self.methods[key].get("params", {}).get("augment", cls.default_params["augment"])
@@ -265,7 +327,16 @@ class WorkflowConfig:
         return int(spec.get("replicates", 1))
 
     def methods_for(self, task: str) -> list[str]:
-        return list(self.tasks[task].get("methods", self.methods))
+        """Methods run on ``task``: the task's ``methods`` list (default all), kept where a
+        method's ``tasks`` patterns (default all) match the task name."""
+        from fnmatch import fnmatchcase
+
+        out = []
+        for m in self.tasks[task].get("methods", self.methods):
+            patterns = self.methods.get(m, {}).get("tasks")
+            if patterns is None or any(fnmatchcase(task, p) for p in patterns):
+                out.append(m)
+        return out
 
     # ---- targets --------------------------------------------------------------------------
     def all_runs(self) -> list[dict[str, str]]:
@@ -278,8 +349,10 @@ class WorkflowConfig:
                 strategies = self.balancings_for(method)
                 if derived:
                     strategies = [self.resolve_balancing(method, "native")]
+                n_rep = self.n_replicates(task)
+                n_rep = min(n_rep, int(self.methods.get(method, {}).get("replicates", n_rep)))
                 for balancing in strategies:
-                    for i in range(self.n_replicates(task)):
+                    for i in range(n_rep):
                         runs.append(
                             {
                                 "task": task,

@@ -8,8 +8,9 @@ with the standard obs columns kept and what was dropped recorded in ``uns['prepr
 from __future__ import annotations
 
 import copy
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anndata as ad
@@ -28,12 +29,19 @@ KEEP_OBS: tuple[str, ...] = (
     "assay",
     "batch",
     "dataset_id",
+    "study",
 )
 """obs columns carried over by :func:`preprocess` when present."""
+
+log = logging.getLogger("celltype_bench")
 
 TARGET_SUM = 1e4
 LOG_NORMALISED_MAX = 20.0
 """Non-integer data whose maximum is below this look log-normalised."""
+MAX_COUNT = float(2**24)
+"""Largest count accepted: float32 (the processed dtype) holds integers exactly up to 2**24."""
+CONSTANT_SUM_CV = 1e-3
+"""Per-cell sums (of X or expm1(X)) with a smaller coefficient of variation are "constant"."""
 _INT_TOL = 1e-4
 
 _RAW_FIX = (
@@ -48,14 +56,72 @@ def _values(X: Any) -> np.ndarray:
     return np.asarray(X).ravel()
 
 
-def check_counts(X: Any, *, file: str | None = None, field: str = "X") -> None:
-    """Raise InputError unless ``X`` holds finite, non-negative integer counts."""
+def _row_sums(X: Any, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Per-row sums of ``X`` (or of ``transform(X)``, applied to the stored values), float64."""
+    if sp.issparse(X):
+        M = sp.csr_matrix(X, dtype=np.float64, copy=True)
+        if transform is not None:
+            M.data = transform(M.data)
+        return np.asarray(M.sum(axis=1)).ravel()
+    A = np.asarray(X, dtype=np.float64)
+    if transform is not None:
+        A = transform(A)
+    return A.sum(axis=1) if A.ndim == 2 else np.atleast_1d(A.sum())
+
+
+def _constant_sum(sums: np.ndarray) -> float | None:
+    """The common value of per-cell sums when (at least 2 non-empty cells) they are constant."""
+    sums = sums[sums > 0]
+    if len(sums) < 2:
+        return None
+    mean = float(sums.mean())
+    return mean if float(sums.std()) <= CONSTANT_SUM_CV * mean else None
+
+
+def _not_counts_problem(X: Any, n_frac: int, hi: float) -> str:
+    """Why non-integer data are not counts: log-normalised, normalised, or just non-integer."""
+    if hi < LOG_NORMALISED_MAX:
+        problem = (
+            f"X looks log-normalised: {n_frac} non-integer values and max {hi:.4g} "
+            f"< {LOG_NORMALISED_MAX:g}"
+        )
+        total = _constant_sum(_row_sums(X, np.expm1))
+        if total is not None:
+            problem += (
+                f"; expm1(X) sums to ~{total:.4g} in every cell (log1p of counts scaled to a "
+                "fixed total per cell)"
+            )
+        return problem
+    total = _constant_sum(_row_sums(X))
+    if total is not None:
+        return (
+            f"X looks normalised, not raw counts: {n_frac} non-integer values and every cell "
+            f"sums to ~{total:.4g} (CP10k/CPM-like)"
+        )
+    return (
+        f"X has {n_frac} non-integer values (max {hi:.4g}); it looks normalised "
+        "(e.g. CP10k/CPM/TPM), not raw counts"
+    )
+
+
+def check_counts(X: Any, *, file: str | None = None, field: str = "X", fix: str = _RAW_FIX) -> None:
+    """Raise InputError unless ``X`` holds finite, non-negative integer counts.
+
+    Non-integer data are diagnosed: log-normalised (max below :data:`LOG_NORMALISED_MAX`, with
+    per-cell expm1 sums reported when constant), normalised (constant per-cell sums) or other.
+    ``fix`` is the advice given in the error.
+    """
+    if X is None:
+        raise InputError("there is no count matrix", file=file, field=field, fix=fix)
     data = _values(X)
     if data.size == 0:
         return
-    if not np.issubdtype(data.dtype, np.number):
+    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
         raise InputError(
-            f"count matrix has non-numeric dtype {data.dtype}", file=file, field=field, fix=_RAW_FIX
+            f"count matrix has dtype {data.dtype}, not a real integer or float type",
+            file=file,
+            field=field,
+            fix=fix,
         )
     finite = np.isfinite(data)
     if not finite.all():
@@ -63,7 +129,7 @@ def check_counts(X: Any, *, file: str | None = None, field: str = "X") -> None:
             f"count matrix has {int((~finite).sum())} NaN or infinite values",
             file=file,
             field=field,
-            fix=_RAW_FIX,
+            fix=fix,
         )
     lo, hi = float(data.min()), float(data.max())
     if lo < 0:
@@ -72,27 +138,28 @@ def check_counts(X: Any, *, file: str | None = None, field: str = "X") -> None:
             "not raw counts",
             file=file,
             field=field,
-            fix=_RAW_FIX,
+            fix=fix,
+        )
+    if hi > MAX_COUNT:
+        raise InputError(
+            f"count matrix has values up to {hi:.4g}, above {MAX_COUNT:.0f} (2**24, the largest "
+            "integer float32 holds exactly); these are not UMI counts of single cells",
+            file=file,
+            field=field,
+            fix=fix,
         )
     if np.issubdtype(data.dtype, np.integer):
         return
     n_frac = int(np.count_nonzero(np.abs(data - np.rint(data)) > _INT_TOL))
     if n_frac:
-        if hi < LOG_NORMALISED_MAX:
-            problem = (
-                f"X looks log-normalised: {n_frac} non-integer values and max {hi:.4g} "
-                f"< {LOG_NORMALISED_MAX:g}"
-            )
-        else:
-            problem = (
-                f"X has {n_frac} non-integer values (max {hi:.4g}); it looks normalised "
-                "(e.g. CP10k/CPM/TPM), not raw counts"
-            )
-        raise InputError(problem, file=file, field=field, fix=_RAW_FIX)
+        raise InputError(_not_counts_problem(X, n_frac, hi), file=file, field=field, fix=fix)
 
 
-def _as_csr_float32(X: Any) -> sp.csr_matrix:
+def _as_counts_csr(X: Any) -> sp.csr_matrix:
+    """Checked counts as CSR float32, rounded to exact integers (within-tolerance floats)."""
     M = sp.csr_matrix(X, dtype=np.float32, copy=True)
+    M.sum_duplicates()
+    M.data = np.rint(M.data)
     M.eliminate_zeros()
     M.sort_indices()
     return M
@@ -119,6 +186,36 @@ def _check_names(adata: ad.AnnData, file: str | None) -> None:
                 field=name,
                 fix="make them unique at the source (obs/var_names_make_unique)",
             )
+
+
+def _storable(col: pd.Series) -> pd.Series:
+    """An obs column h5ad can store: numbers and booleans stay, anything else becomes
+    categorical strings (missing values stay missing)."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        return col.cat.remove_unused_categories()
+    if pd.api.types.is_numeric_dtype(col.dtype) or pd.api.types.is_bool_dtype(col.dtype):
+        return col
+    missing = col.isna().to_numpy(dtype=bool)
+    text = col.astype(str).to_numpy(dtype=object)
+    text[missing] = None
+    return pd.Series(pd.Categorical(text), index=col.index, name=col.name)
+
+
+def _counts_fix(adata: ad.AnnData) -> str:
+    """The advice for non-count X, pointing at the counts this object already carries."""
+    if "counts" in adata.layers:
+        return (
+            "pass raw counts: this object has layers['counts'], use adata.X = "
+            "adata.layers['counts'] (X must hold raw integer UMI counts, not normalised, "
+            "log-transformed or scaled values)"
+        )
+    if adata.raw is not None:
+        return (
+            "pass raw counts: if adata.raw.X holds them, use adata = adata.raw.to_adata() "
+            "(X must hold raw integer UMI counts, not normalised, log-transformed or scaled "
+            "values)"
+        )
+    return _RAW_FIX
 
 
 def preprocess(
@@ -153,8 +250,15 @@ def preprocess(
             field=label_key,
             fix="drop unlabeled cells or fill their labels before preprocessing",
         )
-    check_counts(adata.X, file=file, field="X")
-    counts = _as_csr_float32(adata.X)
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise InputError(
+            f"empty dataset ({adata.n_obs} cells x {adata.n_vars} genes)",
+            file=file,
+            field="X",
+            fix="check the source settings of this dataset and rerun the rule that writes it",
+        )
+    check_counts(adata.X, file=file, field="X", fix=_counts_fix(adata))
+    counts = _as_counts_csr(adata.X)
 
     n_in = counts.shape[0]
     n_detected = np.diff(counts.indptr)
@@ -171,14 +275,30 @@ def preprocess(
         n_small_class = int(small.sum())
         keep &= ~small
     n_out = int(keep.sum())
+    where = file or "data"
+    if all_zero.any():
+        log.warning("%s: dropped %d all-zero cells (no counts)", where, int(all_zero.sum()))
+    if low.any():
+        log.info("%s: dropped %d cells with < %d detected genes", where, int(low.sum()), min_genes)
+    if n_small_class:
+        log.info(
+            "%s: dropped %d cells of %d classes with < %d cells: %s",
+            where,
+            n_small_class,
+            len(small_classes),
+            min_cells_per_class,
+            small_classes[:10],
+        )
     if n_out == 0:
         raise InputError(
             f"no cells left after filtering ({n_in} cells: {int(all_zero.sum())} all-zero, "
             f"{int(low.sum())} with < {min_genes} genes, {n_small_class} in classes with "
-            f"< {min_cells_per_class} cells)",
+            f"< {min_cells_per_class} cells; filter settings min_genes={min_genes}, "
+            f"min_cells_per_class={min_cells_per_class})",
             file=file,
             field="X",
-            fix="check that X holds counts of this dataset, or lower preprocess.min_genes",
+            fix="check that X holds counts of this dataset, or lower preprocess.min_genes "
+            "in the config",
         )
 
     rows = np.flatnonzero(keep)
@@ -188,10 +308,7 @@ def preprocess(
         cols.append(label_key)
     obs = adata.obs.iloc[rows][cols].copy()
     for col in cols:
-        if isinstance(obs[col].dtype, pd.CategoricalDtype):
-            obs[col] = obs[col].cat.remove_unused_categories()
-        elif obs[col].dtype == object:
-            obs[col] = obs[col].astype(str).astype("category")
+        obs[col] = _storable(obs[col])
     obs["n_counts"] = np.asarray(counts.sum(axis=1)).ravel().astype(np.float32)
     obs["n_genes"] = np.diff(counts.indptr).astype(np.int32)
 
@@ -232,13 +349,25 @@ def align_genes(
 ) -> ad.AnnData:
     """Reorder/zero-fill the columns (X and layers) to ``genes`` by name.
 
-    The share of ``genes`` found in ``adata`` is recorded in ``uns['align_genes']``; below
-    ``min_overlap`` an InputError reports it. Duplicated names on either side are an error.
+    The share of ``genes`` found in ``adata`` is logged and recorded in ``uns['align_genes']``;
+    below ``min_overlap`` (a fraction in [0, 1]) an InputError reports it, at or above it the
+    missing genes are zero-filled. Duplicated names on either side are an error.
     """
     file = None if source is None else str(source)
+    if not 0.0 <= float(min_overlap) <= 1.0:
+        raise InputError(
+            f"min_overlap must be a fraction in [0, 1], got {min_overlap}",
+            field="min_overlap",
+            fix="e.g. 0.5 (refuse data holding less than half of the target genes)",
+        )
     target = pd.Index([str(g) for g in genes])
     if len(target) == 0:
-        raise InputError("the target gene list is empty", file=file, field="genes")
+        raise InputError(
+            "the target gene list is empty",
+            file=file,
+            field="genes",
+            fix="pass the reference's gene names (e.g. the trained model's var_names)",
+        )
     if target.has_duplicates:
         dups = target[target.duplicated()].unique()[:5].tolist()
         raise InputError(
@@ -268,6 +397,15 @@ def align_genes(
             field="var_names",
             fix="check that both use the same gene identifiers (symbols vs Ensembl ids, species)",
         )
+    log.info(
+        "%s: %d of %d target genes found (%.1f%%); %d zero-filled, %d data genes dropped",
+        file or "data",
+        n_overlap,
+        len(target),
+        100 * share,
+        len(target) - n_overlap,
+        adata.n_vars - n_overlap,
+    )
     selector = sp.csr_matrix(
         (np.ones(n_overlap, dtype=np.float32), (idx[found], np.flatnonzero(found))),
         shape=(adata.n_vars, len(target)),
@@ -284,6 +422,7 @@ def align_genes(
         "n_target": int(len(target)),
         "n_overlap": n_overlap,
         "share": float(share),
+        "n_zero_filled": int(len(target) - n_overlap),
         "n_data_genes_dropped": int(adata.n_vars - n_overlap),
     }
     return out

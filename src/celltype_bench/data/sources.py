@@ -80,6 +80,8 @@ import scipy.sparse as sp
 
 from ..errors import InputError
 from ..labels import empty_values
+from .adapters import load_combined, load_url_source
+from .census import load_census
 
 log = logging.getLogger("celltype_bench")
 
@@ -653,6 +655,9 @@ def generate_census_like(
 SOURCES: dict[str, Callable[..., ad.AnnData]] = {
     "pbmc68k": load_pbmc68k,
     "census_like": generate_census_like,
+    "url": load_url_source,
+    "census": load_census,
+    "combine": load_combined,
 }
 """Source kind -> callable(**params) returning a raw AnnData in the standard shape."""
 

@@ -5,6 +5,9 @@ and ``role`` ('train' | 'valid' | 'test'); one row per cell and replicate.
   trains on the rest (with k = 2 there is no validation fold: train on the other fold).
 * :func:`donor_split`: scTab-style split by donor, the same split for every replicate
   (replicates then differ by training seed).
+* :func:`holdout_study`: inter-dataset split of a combined dataset: train on the cells of the
+  ``train`` studies (minus a seeded stratified validation fraction), test on the ``test``
+  study; cells of other studies get no row.
 """
 
 from __future__ import annotations
@@ -160,6 +163,69 @@ def donor_split(
     return _table(obs.index.astype(str).to_numpy(), [role] * int(n_replicates))
 
 
+def holdout_study(
+    obs: pd.DataFrame,
+    train: Sequence[str],
+    test: str,
+    study_key: str = "dataset_id",
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    label_key: str = "cell_type",
+    n_replicates: int = 1,
+) -> pd.DataFrame:
+    """Train on the ``train`` studies, test on the ``test`` study (same split per replicate).
+
+    Validation: per class (sorted) of the training cells, the cells are shuffled with one
+    ``numpy.random.default_rng(seed)`` and the first ``floor(val_fraction * n_c)`` go to
+    validation, so classes with fewer than ``1 / val_fraction`` cells stay in training.
+    ``val_fraction = 0`` means no validation cells. Cells of other studies are left out.
+    """
+    train = [str(t) for t in ([train] if isinstance(train, str) else train)]
+    test = str(test)
+    if not 0 <= val_fraction < 1:
+        raise InputError(
+            f"val_fraction must be in [0, 1), got {val_fraction}",
+            field="split.val_fraction",
+            fix="e.g. 0.1",
+        )
+    if not train or test in train:
+        raise InputError(
+            f"train studies {train} must be non-empty and exclude the test study '{test}'",
+            field="split.train",
+            fix="list the reference studies under 'train' and the query study under 'test'",
+        )
+    if int(n_replicates) < 1:
+        raise InputError(
+            f"n_replicates must be >= 1, got {n_replicates}",
+            field="replicates",
+            fix="use 1 or more",
+        )
+    studies = _column(obs, study_key, "study")
+    present = sorted(set(studies))
+    missing = [s for s in [*train, test] if s not in present]
+    if missing:
+        raise InputError(
+            f"studies {missing} are not in obs['{study_key}'] (present: {present})",
+            field="split.train" if test not in missing else "split.test",
+            fix="use the part names of the combined dataset",
+        )
+    in_train = np.isin(studies, train)
+    in_test = studies == test
+    keep = in_train | in_test
+    labels = _column(obs.loc[keep], label_key, "cell-type label")
+    role = np.where(in_test[keep], "test", "train").astype(object)
+    if val_fraction > 0:
+        rng = np.random.default_rng(seed)
+        train_idx = np.flatnonzero(role == "train")
+        train_labels = labels[train_idx]
+        for label in sorted(set(train_labels)):
+            members = rng.permutation(train_idx[train_labels == label])
+            n_val = math.floor(round(val_fraction * len(members), 9))
+            role[members[:n_val]] = "valid"
+    cell_ids = obs.index.astype(str).to_numpy()[keep]
+    return _table(cell_ids, [role] * int(n_replicates))
+
+
 def subsample_tiers(
     split: pd.DataFrame,
     obs: pd.DataFrame,
@@ -197,10 +263,13 @@ def subsample_tiers(
 
 _KFOLD_KEYS = {"n_folds", "seed", "label_key"}
 _DONOR_KEYS = {"donor_key", "seed", "val_fraction", "test_fraction"}
+_HOLDOUT_KEYS = {"train", "test", "study_key", "val_fraction", "seed", "label_key"}
 
 
 def make_split(obs: pd.DataFrame, spec: Mapping[str, Any]) -> pd.DataFrame:
-    """Dispatch on ``spec['kind']`` ('stratified_kfold' | 'donor'); other keys are parameters.
+    """Dispatch on ``spec['kind']`` ('stratified_kfold' | 'donor' | 'holdout_study').
+
+    Other keys are parameters.
 
     ``n_replicates`` (added by the workflow) sets the replicates of a donor split; for k-fold it
     must equal ``n_folds``.
@@ -208,7 +277,11 @@ def make_split(obs: pd.DataFrame, spec: Mapping[str, Any]) -> pd.DataFrame:
     params = dict(spec)
     kind = params.pop("kind", None)
     n_replicates = params.pop("n_replicates", None)
-    allowed = {"stratified_kfold": _KFOLD_KEYS, "donor": _DONOR_KEYS}
+    allowed = {
+        "stratified_kfold": _KFOLD_KEYS,
+        "donor": _DONOR_KEYS,
+        "holdout_study": _HOLDOUT_KEYS,
+    }
     if kind not in allowed:
         raise InputError(
             f"unknown split kind {kind!r}",
@@ -231,6 +304,17 @@ def make_split(obs: pd.DataFrame, spec: Mapping[str, Any]) -> pd.DataFrame:
                 fix="drop 'replicates' from k-fold tasks (one replicate per fold)",
             )
         return stratified_kfold(obs, **params)
+    if kind == "holdout_study":
+        for key in ("train", "test"):
+            if key not in params:
+                raise InputError(
+                    f"a holdout_study split needs '{key}'",
+                    field=f"split.{key}",
+                    fix="name the training studies ('train') and the test study ('test')",
+                )
+        return holdout_study(
+            obs, n_replicates=1 if n_replicates is None else n_replicates, **params
+        )
     return donor_split(obs, n_replicates=1 if n_replicates is None else n_replicates, **params)
 
 

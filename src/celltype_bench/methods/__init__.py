@@ -1,6 +1,17 @@
 """Annotation methods behind one interface; importing this package fills the registry."""
 
-from . import celltypist_method, controls, linear, scbalance  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    celltypist_method,
+    controls,
+    ensemble,
+    linear,
+    mlp,
+    scbalance,
+    scnym,
+    scpretrain,
+    sctab,
+    xgboost_pca,
+)
 from .base import Method, TorchMethod
 from .registry import available, create, get, register
 

@@ -1,0 +1,307 @@
+"""scTab (Fischer et al. 2024): TabNet with one decision step and 1.5-entmax attention.
+
+Model (:class:`celltype_bench.methods.tabnet.TabNet`): input BatchNorm on log1p(CP10k), a
+feature transformer (3 shared + 5 step-specific GLU layers, ghost batch norm over virtual
+batches of 256), an attentive transformer giving a sparse feature mask (1.5-entmax), one
+decision step ``M * x -> feature transformer -> ReLU(d)`` and a linear layer to the classes.
+
+Training, with the paper's hyper-parameters as defaults: class-weighted cross-entropy (weights
+``n_samples / (n_classes * n_c)``) plus ``lambda_sparse`` (1e-5) times the mask entropy,
+AdamW (lr 0.005, weight decay 0.05), StepLR gamma 0.9 every epoch, batch 2048, gradient norm
+clipped at 1.0, the epoch with the best validation macro F1 kept. The paper trains about 50
+epochs on 15 million cells with early stopping on validation macro F1; the default here is
+``epochs=50`` (StepLR has then decayed the learning rate 190-fold) with ``patience=10``.
+
+Augmentation (``augment``, default True as in the paper): every training cell gets a random
+augmentation vector (a row of the task's vectors, ``FitInputs.augmentation``, drawn uniformly)
+with a random sign, and ``x + v`` is clamped to [0, 9]
+(:func:`celltype_bench.augmentation.apply_augmentation`, with the epoch's seeded generator of
+the shared training loop); never at validation or prediction. Without vectors (e.g. the
+method used outside the workflow) the fit warns once and trains without; the saved state
+records ``augmented``.
+
+Interpretation: :meth:`ScTab.class_masks` (mean attention mask per class) and
+:meth:`ScTab.top_genes` (the genes each class attends to most).
+
+Balancing switches as :mod:`celltype_bench.methods.linear`: ``class_weighted`` (default True,
+the paper's) and ``weighted_sampling`` (default False).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from ..balancing import class_weights, epoch_indices
+from ..errors import InputError
+from ..training import (
+    PREDICT_BYTES,
+    as_csr,
+    fit_torch,
+    iterate_minibatches,
+    seed_everything,
+)
+from .base import TorchMethod, _check_var_names
+from .registry import register
+from .tabnet import TabNet
+
+
+@contextlib.contextmanager
+def _no_uninitialized_fill() -> Iterator[None]:
+    """Skip torch's NaN-filling of fresh tensors while training (restored afterwards).
+
+    ``seed_everything`` turns on deterministic algorithms, which by default also fill every
+    ``torch.empty`` with NaN (``torch.utils.deterministic.fill_uninitialized_memory``), a guard
+    against kernels that read memory before writing it. TabNet's kernels (batch norm, GLU,
+    matrix products) write all of their outputs; the fill costs about 6% of a training step.
+    """
+    import torch.utils.deterministic as det
+
+    before = det.fill_uninitialized_memory
+    det.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        det.fill_uninitialized_memory = before
+
+
+@register("sctab")
+class ScTab(TorchMethod):
+    """scTab: TabNet with one decision step, entmax attention and scTab's augmentation."""
+
+    native_balancing = "class_weight"
+    default_params = {
+        "n_d": 128,
+        "n_a": 64,
+        "n_steps": 1,
+        "n_shared": 3,
+        "n_independent": 5,
+        "virtual_batch_size": 256,
+        "momentum": 0.02,
+        "input_momentum": 0.01,
+        "relaxation": 1.3,
+        "lambda_sparse": 1e-5,
+        "epochs": 50,
+        "batch_size": 2048,
+        "lr": 0.005,
+        "weight_decay": 0.05,
+        "gamma": 0.9,
+        "grad_clip": 1.0,
+        "patience": 10,
+        "augment": True,
+        "class_weighted": True,
+        "weighted_sampling": False,
+        "seed": 0,
+        "device": "auto",
+    }
+    nullable_params = frozenset({"patience", "grad_clip"})
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        p = self.params
+        for key in ("n_d", "n_a", "n_steps", "virtual_batch_size"):
+            if p[key] < 1:
+                raise InputError(f"parameter '{key}' of method 'sctab' must be >= 1", field=key)
+        for key in ("n_shared", "n_independent", "lambda_sparse"):
+            if p[key] < 0:
+                raise InputError(f"parameter '{key}' of method 'sctab' must be >= 0", field=key)
+        if p["n_shared"] + p["n_independent"] == 0:
+            raise InputError(
+                "method 'sctab' needs at least one GLU layer",
+                field="n_shared",
+                fix="set n_shared or n_independent >= 1 (the paper: 3 and 5)",
+            )
+        for key in ("momentum", "input_momentum"):
+            if not 0.0 < p[key] <= 1.0:
+                raise InputError(
+                    f"parameter '{key}' of method 'sctab' must be in (0, 1]", field=key
+                )
+        self.class_weights_: np.ndarray | None = None
+        self.augmented_: bool = False
+        self.n_augmentation_vectors_: int | None = None
+
+    def _build_module(self, n_genes: int, n_classes: int) -> nn.Module:
+        p = self.params
+        return TabNet(
+            n_genes,
+            n_classes,
+            n_d=p["n_d"],
+            n_a=p["n_a"],
+            n_steps=p["n_steps"],
+            n_shared=p["n_shared"],
+            n_independent=p["n_independent"],
+            virtual_batch_size=p["virtual_batch_size"],
+            momentum=p["momentum"],
+            input_momentum=p["input_momentum"],
+            relaxation=p["relaxation"],
+        )
+
+    def _augmenter(self) -> Any:
+        """The ``augment`` callable for ``fit_torch`` (None when not augmenting)."""
+        self.augmented_ = False
+        self.n_augmentation_vectors_ = None
+        if not self.params["augment"]:
+            return None
+        vectors = self.fit_inputs_.augmentation
+        if vectors is None:
+            self.logger.warning(
+                "sctab: augment=True but no augmentation vectors were given; training without "
+                "augmentation (pass fit(..., augmentation=vectors), or set augment: false)"
+            )
+            return None
+        from ..augmentation import apply_augmentation
+
+        v = torch.as_tensor(np.asarray(vectors, dtype=np.float32), device=self.device)
+        self.augmented_ = True
+        self.n_augmentation_vectors_ = int(v.shape[0])
+        self.logger.info("sctab: augmenting with %d vectors", v.shape[0])
+        return lambda xb, gen: apply_augmentation(xb, v, gen)
+
+    def _fit(
+        self,
+        X: sp.csr_matrix,
+        y: np.ndarray,
+        X_valid: sp.csr_matrix | None,
+        y_valid: np.ndarray | None,
+    ) -> None:
+        p = self.params
+        seed_everything(p["seed"])
+        k = len(self.classes_)
+        module = self._build_module(X.shape[1], k)
+        self.class_weights_ = class_weights(y, k) if p["class_weighted"] else np.ones(k)
+        sampler = (lambda rng: epoch_indices(y, rng)) if p["weighted_sampling"] else None
+        lam = float(p["lambda_sparse"])
+        regularizer = (lambda: lam * module.last_sparsity_loss) if lam > 0 else None
+        with _no_uninitialized_fill():
+            self.history_ = self._fit_torch(module, X, y, X_valid, y_valid, sampler, regularizer)
+        self.module_ = module
+
+    def _fit_torch(  # the shared loop with scTab's optimiser, schedule and regulariser
+        self,
+        module: nn.Module,
+        X: sp.csr_matrix,
+        y: np.ndarray,
+        X_valid: sp.csr_matrix | None,
+        y_valid: np.ndarray | None,
+        sampler: Any,
+        regularizer: Any,
+    ) -> list[dict[str, Any]]:
+        p = self.params
+        return fit_torch(
+            module,
+            X,
+            y,
+            X_valid=X_valid,
+            y_valid=y_valid,
+            optimizer=lambda params: torch.optim.AdamW(
+                params, lr=p["lr"], weight_decay=p["weight_decay"]
+            ),
+            scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(
+                opt, step_size=1, gamma=p["gamma"]
+            ),
+            class_weights=self.class_weights_,
+            sampler=sampler,
+            augment=self._augmenter(),
+            regularizer=regularizer,
+            grad_clip=p["grad_clip"] or None,
+            epochs=p["epochs"],
+            batch_size=p["batch_size"],
+            patience=p["patience"],
+            device=self.device,
+            seed=p["seed"],
+            logger=self.logger,
+            checkpoint=self.checkpoint(X),
+        )
+
+    def _predict_proba(self, X: sp.csr_matrix) -> np.ndarray:
+        with _no_uninitialized_fill():
+            return super()._predict_proba(X)
+
+    # ------------------------------------------------------------------ interpretation
+    def _mask_sums(
+        self, adata: ad.AnnData, use_labels: bool | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-class sums of the attention masks and cell counts, over ``adata``'s cells."""
+        self._require_fitted()
+        _check_var_names(self.var_names_, adata, "interpreted")
+        assert isinstance(self.module_, TabNet)
+        module = self.module_
+        if use_labels is None:
+            use_labels = self.label_key in adata.obs.columns
+        code = {c: i for i, c in enumerate(self.classes_)}
+        groups = None
+        if use_labels:
+            labels = adata.obs[self.label_key].astype(str).to_numpy()
+            groups = torch.as_tensor([code.get(c, -1) for c in labels], dtype=torch.int64)
+        k, g = len(self.classes_), len(self.var_names_)
+        device = self.device
+        sums = torch.zeros(k, g, dtype=torch.float64, device=device)
+        counts = torch.zeros(k, dtype=torch.float64, device=device)
+        X = as_csr(adata.X)
+        batch = max(1, min(self.predict_batch_size, PREDICT_BYTES // (4 * max(1, g))))
+        was_training = module.training
+        module.to(device).eval()
+        start = 0
+        try:
+            with torch.no_grad():
+                for xb, _ in iterate_minibatches(X, None, batch, device=device, chunk_batches=1):
+                    logits, masks = module.forward_masks(xb)
+                    m = masks[0] if len(masks) == 1 else torch.stack(masks).mean(0)
+                    if groups is None:
+                        gb = logits.argmax(dim=1)
+                    else:
+                        gb = groups[start : start + len(xb)].to(device)
+                    start += len(xb)
+                    keep = gb >= 0
+                    sums.index_add_(0, gb[keep], m[keep].double())
+                    counts.index_add_(0, gb[keep], torch.ones_like(gb[keep], dtype=torch.float64))
+        finally:
+            module.train(was_training)
+        return sums.cpu().numpy(), counts.cpu().numpy()
+
+    def class_masks(self, adata: ad.AnnData, use_labels: bool | None = None) -> pd.DataFrame:
+        """Mean attention mask per class (classes x genes; each row sums to 1).
+
+        Cells are grouped by their label (``obs[label_key]``, when present; cells of classes
+        unknown to the model are skipped) or else by the predicted class
+        (``use_labels=False`` forces predictions). Classes without cells are left out.
+        """
+        sums, counts = self._mask_sums(adata, use_labels)
+        has = counts > 0
+        mean = sums[has] / counts[has, None]
+        index = pd.Index(np.asarray(self.classes_, dtype=object)[has], name="class")
+        return pd.DataFrame(mean, index=index, columns=pd.Index(self.var_names_, name="gene"))
+
+    def top_genes(
+        self, adata: ad.AnnData, n: int = 10, use_labels: bool | None = None
+    ) -> pd.DataFrame:
+        """The ``n`` genes with the largest mean attention per class (classes x ranks 1..n)."""
+        masks = self.class_masks(adata, use_labels)
+        n = max(1, min(int(n), masks.shape[1]))
+        order = np.argsort(-masks.to_numpy(), axis=1, kind="stable")[:, :n]
+        genes = np.asarray(masks.columns, dtype=object)[order]
+        return pd.DataFrame(genes, index=masks.index, columns=pd.RangeIndex(1, n + 1, name="rank"))
+
+    # ------------------------------------------------------------------ state
+    def _state(self) -> dict[str, Any]:
+        cw = None if self.class_weights_ is None else self.class_weights_.tolist()
+        return {
+            "class_weights": cw,
+            "augmented": bool(self.augmented_),
+            "n_augmentation_vectors": self.n_augmentation_vectors_,
+        }
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        cw = state.get("class_weights")
+        self.class_weights_ = None if cw is None else np.asarray(cw, dtype=np.float64)
+        self.augmented_ = bool(state.get("augmented", False))
+        n_vec = state.get("n_augmentation_vectors")
+        self.n_augmentation_vectors_ = None if n_vec is None else int(n_vec)

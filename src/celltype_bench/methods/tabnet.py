@@ -1,0 +1,525 @@
+"""TabNet (Arik & Pfister 2019) as scTab uses it: attentive feature selection with 1.5-entmax.
+
+The network (defaults are scTab's: one decision step, ``n_d`` 128, ``n_a`` 64, 3 shared and 5
+step-specific GLU layers, virtual batch 256):
+
+- ``initial_bn``: BatchNorm1d on the input (log1p(CP10k) expression), full-batch statistics.
+- GLU layer: ``Linear(bias=False) -> GhostBatchNorm -> GLU`` (``a * sigmoid(b)``).
+- GLU block: GLU layers with residual connections scaled by ``sqrt(0.5)``; the first layer of
+  the shared block has no residual (its input width differs).
+- Feature transformer: the shared block (``n_shared`` layers whose ``Linear`` weights are
+  shared by every transformer of the network) followed by a step-specific block
+  (``n_independent`` layers).
+- Attentive transformer: ``Linear(n_a -> n_features) -> GhostBatchNorm``, times the prior
+  scales, then 1.5-entmax: a mask ``M`` on the simplex over the input features, with exact
+  zeros.
+- An initial splitter feature transformer turns the normalised input into the first
+  attention input. Each decision step: ``M * x -> feature transformer -> [d | a]``; ``ReLU(d)``
+  (``n_d`` wide) is summed over steps into the decision output, ``a`` (``n_a`` wide) feeds the
+  next step's attention; priors are updated as ``prior * (relaxation - M)``.
+- ``final``: ``Linear(n_d -> n_classes, bias=False)``: the logits.
+
+Sparsity regulariser (TabNet's): the mean over cells of the mask entropy
+``sum_j -M_j log(M_j + eps)``, averaged over steps, stored after every forward pass in
+``last_sparsity_loss`` so a training loop can add ``lambda_sparse * last_sparsity_loss``.
+
+Ghost batch normalisation: in training, the batch is split into ``max(n // vbs, 1)``
+consecutive virtual batches (``torch.chunk``, as TabNet) and each is normalised with its own
+mean and variance; the running statistics are updated once per virtual batch, exactly as a loop
+over the chunks would. In evaluation the running statistics of the whole data are used.
+Speed (the same function as pytorch-tabnet's network with the same weights, computed with
+less work; tests/test_sctab.py compares the two):
+
+- Ghost batch norm without a loop: when the chunks have equal size, :class:`TabNet` reorders
+  the batch rows once on entry so that the ``k`` virtual batches are interleaved (row
+  ``v * k + j`` is row ``v`` of chunk ``j``); every ghost batch norm is then one native
+  batch-norm call on a free ``(n / k, k * width)`` view, one channel per (chunk, feature),
+  instead of ``k`` calls plus a concatenation. The logits are put back in the input row order.
+- Input batch norm folded into the first Linear: ``BN(x) = x * a + c`` per feature, so the
+  splitter's first layer is ``x @ (W * a).T + W @ c`` and needs no gradient with respect to
+  the (dense, constant) input.
+- Sparse masks stay sparse: the attention mask comes out of 1.5-entmax in compact form (the
+  selected features of each cell, found by a partial sort), its entropy is computed on those
+  entries only, and when the masks select few features (at most ``n_features /
+  sparse_input_ratio`` per cell) the step's first Linear sums the selected columns only
+  (:class:`MaskedLinear`) instead of multiplying a mostly-zero dense matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .entmax import entmax15_sparse, to_dense
+
+SQRT_HALF = math.sqrt(0.5)
+
+
+def _init_glu(layer: nn.Linear, fan_in: int, fan_out: int) -> None:
+    """TabNet's initialisation of a GLU layer's Linear."""
+    gain = math.sqrt((fan_in + fan_out) / math.sqrt(fan_in))
+    nn.init.xavier_normal_(layer.weight, gain=gain)
+
+
+def _init_non_glu(layer: nn.Linear, fan_in: int, fan_out: int) -> None:
+    """TabNet's initialisation of the attention and final Linear layers."""
+    gain = math.sqrt((fan_in + fan_out) / math.sqrt(4 * fan_in))
+    nn.init.xavier_normal_(layer.weight, gain=gain)
+
+
+def ghost_layout(x: Tensor, chunks: int) -> Tensor:
+    """Reorder rows so that the ``chunks`` consecutive virtual batches are interleaved."""
+    n = x.shape[0]
+    return x.reshape(chunks, n // chunks, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
+
+
+def from_ghost_layout(x: Tensor, chunks: int) -> Tensor:
+    """Inverse of :func:`ghost_layout`."""
+    n = x.shape[0]
+    return x.reshape(n // chunks, chunks, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
+
+
+class MaskedLinear(torch.autograd.Function):
+    """``y = P @ W.T`` for a row-sparse ``P`` given compactly (values and column indices).
+
+    Forward: an ``embedding_bag`` sum over each row's selected columns of ``W.T`` (work
+    proportional to the selected entries). Backward: dense matrix products (faster on CPU than
+    scattering per entry): ``dP = (dY @ W)[row, idx]``, ``dW = dY.T @ dense(P)``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, values: Tensor, idx: Tensor, weight: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(values, idx, weight)
+        table = weight.t().contiguous()
+        return F.embedding_bag(idx, table, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad: Tensor
+    ) -> tuple[Tensor | None, None, Tensor | None]:
+        values, idx, weight = ctx.saved_tensors
+        g_values = g_weight = None
+        if ctx.needs_input_grad[0]:
+            g_values = (grad @ weight).gather(1, idx)
+        if ctx.needs_input_grad[2]:
+            g_weight = grad.t() @ to_dense(values, idx, weight.shape[1])
+        return g_values, None, g_weight
+
+
+def masked_linear(values: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
+    """``dense(values, idx) @ weight.T`` without forming the dense matrix in the forward pass."""
+    return MaskedLinear.apply(values, idx, weight)
+
+
+class GhostBatchNorm(nn.BatchNorm1d):
+    """Ghost batch normalisation (Hoffer et al. 2017): per-virtual-batch statistics.
+
+    Training: the batch is split into ``max(n // virtual_batch_size, 1)`` chunks
+    (``torch.chunk``) normalised separately; the running statistics are updated chunk after
+    chunk (momentum ``momentum`` each). Evaluation: the running statistics. ``forward(x,
+    interleaved=k)`` takes a batch already in :func:`ghost_layout` with ``k`` chunks.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        virtual_batch_size: int = 256,
+        momentum: float = 0.02,
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        if virtual_batch_size < 1:
+            raise ValueError(f"virtual_batch_size must be >= 1, got {virtual_batch_size}")
+        self.virtual_batch_size = int(virtual_batch_size)
+
+    def n_chunks(self, n: int) -> int:
+        """Number of virtual batches of a batch of ``n`` cells."""
+        return max(n // self.virtual_batch_size, 1)
+
+    def forward(self, x: Tensor, interleaved: int = 0) -> Tensor:  # type: ignore[override]
+        """Normalise ``x`` (cells x features); ``interleaved=k``: rows in ghost layout."""
+        if not self.training:
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        n = x.shape[0]
+        if interleaved > 1:
+            return self._interleaved(x, interleaved)
+        k = self.n_chunks(n)
+        if k == 1:
+            return super().forward(x)
+        if n % k == 0:
+            return from_ghost_layout(self._interleaved(ghost_layout(x, k), k), k)
+        momentum = float(self.momentum)  # unequal chunks: TabNet's loop
+        self.num_batches_tracked.add_(k)
+        return torch.cat(
+            [
+                F.batch_norm(
+                    c,
+                    self.running_mean,
+                    self.running_var,
+                    self.weight,
+                    self.bias,
+                    True,
+                    momentum,
+                    self.eps,
+                )
+                for c in x.chunk(k, 0)
+            ],
+            dim=0,
+        )
+
+    def _interleaved(self, x: Tensor, k: int) -> Tensor:
+        n, c = x.shape
+        size = n // k
+        out, mean, invstd = torch.native_batch_norm(
+            x.reshape(size, k * c),
+            self.weight.repeat(k),
+            self.bias.repeat(k),
+            None,
+            None,
+            True,
+            0.0,
+            self.eps,
+        )
+        with torch.no_grad():
+            m = float(self.momentum)
+            var = invstd.detach().reshape(k, c).pow(-2).sub_(self.eps).clamp_(min=0.0)
+            if size > 1:
+                var.mul_(size / (size - 1))
+            w = m * (1.0 - m) ** torch.arange(k - 1, -1, -1, dtype=x.dtype, device=x.device)
+            keep = (1.0 - m) ** k
+            self.running_mean.mul_(keep).add_(w @ mean.detach().reshape(k, c))
+            self.running_var.mul_(keep).add_(w @ var)
+            self.num_batches_tracked.add_(k)
+        return out.reshape(n, c)
+
+
+class GLULayer(nn.Module):
+    """``Linear(bias=False) -> GhostBatchNorm -> GLU``."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        fc: nn.Linear | None = None,
+        virtual_batch_size: int = 256,
+        momentum: float = 0.02,
+    ) -> None:
+        super().__init__()
+        self.out_dim = out_dim
+        if fc is None:
+            fc = nn.Linear(in_dim, 2 * out_dim, bias=False)
+            _init_glu(fc, in_dim, 2 * out_dim)
+        self.fc = fc
+        self.bn = GhostBatchNorm(2 * out_dim, virtual_batch_size, momentum)
+
+    def forward(self, x: Tensor, interleaved: int = 0, projected: bool = False) -> Tensor:
+        """GLU of the normalised projection (``projected``: ``x`` is already ``fc(x)``)."""
+        return F.glu(self.bn(x if projected else self.fc(x), interleaved), dim=-1)
+
+
+class GLUBlock(nn.Module):
+    """GLU layers with ``sqrt(0.5)``-scaled residual connections (none on a ``first`` layer)."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        n_glu: int,
+        first: bool = False,
+        shared: nn.ModuleList | None = None,
+        virtual_batch_size: int = 256,
+        momentum: float = 0.02,
+    ) -> None:
+        super().__init__()
+        self.first = first
+        self.layers = nn.ModuleList(
+            GLULayer(
+                in_dim if i == 0 else out_dim,
+                out_dim,
+                fc=None if shared is None else shared[i],
+                virtual_batch_size=virtual_batch_size,
+                momentum=momentum,
+            )
+            for i in range(n_glu)
+        )
+
+    def forward(self, x: Tensor, interleaved: int = 0, projected: bool = False) -> Tensor:
+        """Apply the layers; residual ``(x + glu(x)) * sqrt(0.5)`` after a first layer.
+
+        ``projected`` (only for a ``first`` block): ``x`` is the first layer's ``fc(x)``.
+        """
+        layers = iter(self.layers)
+        if self.first:
+            x = next(layers)(x, interleaved, projected)
+        elif projected:
+            raise ValueError("only a first GLU block takes a projected input")
+        for layer in layers:
+            x = torch.add(x, layer(x, interleaved)).mul_(SQRT_HALF)
+        return x
+
+
+class FeatureTransformer(nn.Module):
+    """Shared GLU block (weights shared across steps) followed by a step-specific block."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        shared: nn.ModuleList | None,
+        n_independent: int,
+        virtual_batch_size: int = 256,
+        momentum: float = 0.02,
+    ) -> None:
+        super().__init__()
+        kw = {"virtual_batch_size": virtual_batch_size, "momentum": momentum}
+        self.shared = (
+            None
+            if shared is None or len(shared) == 0
+            else GLUBlock(in_dim, out_dim, len(shared), first=True, shared=shared, **kw)
+        )
+        first = self.shared is None
+        self.specific = (
+            None
+            if n_independent == 0
+            else GLUBlock(in_dim if first else out_dim, out_dim, n_independent, first, **kw)
+        )
+
+    @property
+    def first_fc(self) -> nn.Linear:
+        """The Linear layer that sees the transformer's input."""
+        block = self.shared if self.shared is not None else self.specific
+        assert block is not None
+        fc = block.layers[0].fc
+        assert isinstance(fc, nn.Linear)
+        return fc
+
+    def forward(self, x: Tensor, interleaved: int = 0, projected: bool = False) -> Tensor:
+        """Shared block, then the specific block (``projected``: ``x`` is ``first_fc(x)``)."""
+        if self.shared is not None:
+            x = self.shared(x, interleaved, projected)
+            projected = False
+        if self.specific is not None:
+            x = self.specific(x, interleaved, projected)
+        return x
+
+
+class AttentiveTransformer(nn.Module):
+    """``Linear(n_a -> n_features) -> GhostBatchNorm -> * prior -> 1.5-entmax``: the mask.
+
+    Returns the mask in compact form ``(p, idx, entropy)`` (see
+    :func:`celltype_bench.methods.entmax.entmax15_sparse`). The buffer ``k_hint`` remembers
+    how many entries to partial-sort next time (from the largest support seen last); it only
+    affects speed, never the mask.
+    """
+
+    def __init__(
+        self,
+        n_a: int,
+        n_features: int,
+        virtual_batch_size: int = 256,
+        momentum: float = 0.02,
+    ) -> None:
+        super().__init__()
+        self.n_features = n_features
+        self.fc = nn.Linear(n_a, n_features, bias=False)
+        _init_non_glu(self.fc, n_a, n_features)
+        self.bn = GhostBatchNorm(n_features, virtual_batch_size, momentum)
+        self.register_buffer("k_hint", torch.zeros((), dtype=torch.long))
+
+    def forward(
+        self, att: Tensor, prior: Tensor | None = None, interleaved: int = 0
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The attention mask of every cell, compact: ``(p, idx, entropy)``."""
+        z = self.bn(self.fc(att), interleaved)
+        if prior is not None:
+            z = z * prior
+        hint = int(self.k_hint)
+        p, idx, entropy, support = entmax15_sparse(z, hint or None)
+        if support.numel():
+            want = -(-(int(support.max()) * 5 // 4 + 8) // 8) * 8
+            self.k_hint.fill_(want if 2 * want < self.n_features else 0)
+        return p, idx, entropy
+
+
+class TabNet(nn.Module):
+    """TabNet classifier returning logits; see the module docstring for the architecture."""
+
+    sparse_input_ratio: float = 6.0
+    """Masked inputs with at most ``n_features / sparse_input_ratio`` nonzeros per cell (the
+    largest support in the batch) enter the step's first Linear as a sparse product
+    (``embedding_bag`` over the selected features); denser ones as a dense matrix product."""
+
+    def __init__(
+        self,
+        n_features: int,
+        n_classes: int,
+        n_d: int = 128,
+        n_a: int = 64,
+        n_steps: int = 1,
+        n_shared: int = 3,
+        n_independent: int = 5,
+        virtual_batch_size: int = 256,
+        momentum: float = 0.02,
+        relaxation: float = 1.3,
+        epsilon: float = 1e-15,
+        input_momentum: float = 0.01,
+    ) -> None:
+        super().__init__()
+        if n_steps < 1:
+            raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+        if n_shared < 0 or n_independent < 0 or n_shared + n_independent == 0:
+            raise ValueError("n_shared and n_independent must be >= 0 and not both 0")
+        self.n_features, self.n_classes = n_features, n_classes
+        self.n_d, self.n_a, self.n_steps = n_d, n_a, n_steps
+        self.virtual_batch_size = int(virtual_batch_size)
+        self.relaxation, self.epsilon = relaxation, epsilon
+        width = n_d + n_a
+        self.initial_bn = nn.BatchNorm1d(n_features, momentum=input_momentum)
+        shared = nn.ModuleList()
+        for i in range(n_shared):
+            fan_in = n_features if i == 0 else width
+            fc = nn.Linear(fan_in, 2 * width, bias=False)
+            _init_glu(fc, fan_in, 2 * width)
+            shared.append(fc)
+        kw = {"virtual_batch_size": virtual_batch_size, "momentum": momentum}
+        shared_or_none = shared if n_shared > 0 else None
+        self.initial_splitter = FeatureTransformer(
+            n_features, width, shared_or_none, n_independent, **kw
+        )
+        self.feat_transformers = nn.ModuleList(
+            FeatureTransformer(n_features, width, shared_or_none, n_independent, **kw)
+            for _ in range(n_steps)
+        )
+        self.att_transformers = nn.ModuleList(
+            AttentiveTransformer(n_a, n_features, **kw) for _ in range(n_steps)
+        )
+        self.final = nn.Linear(n_d, n_classes, bias=False)
+        _init_non_glu(self.final, n_d, n_classes)
+        self.last_sparsity_loss: Tensor = torch.zeros(())
+
+    def _layout_chunks(self, n: int) -> int:
+        """Virtual batches to interleave for a training batch of ``n`` (0: no reordering)."""
+        if not self.training:
+            return 0
+        k = max(n // self.virtual_batch_size, 1)
+        return k if k > 1 and n % k == 0 else 0
+
+    def _input_affine(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(a, c)`` with ``initial_bn(x) == x * a + c`` per feature (``x`` without gradient).
+
+        In training the batch statistics are used and the running statistics updated exactly
+        as ``BatchNorm1d`` does; in evaluation the running statistics.
+        """
+        bn = self.initial_bn
+        mean, var = bn.running_mean, bn.running_var
+        assert mean is not None and var is not None
+        if self.training:
+            n = x.shape[0]
+            if n < 2:
+                raise ValueError("TabNet needs at least 2 cells per training batch")
+            with torch.no_grad():  # column sums: several times faster than var_mean(x, 0)
+                mean = x.sum(dim=0).div_(n)
+                xc = x - mean
+                var = (xc * xc).sum(dim=0).div_(n)
+                m = float(bn.momentum if bn.momentum is not None else 0.1)
+                bn.running_mean.mul_(1.0 - m).add_(mean, alpha=m)
+                bn.running_var.mul_(1.0 - m).add_(var, alpha=m * n / (n - 1))
+                bn.num_batches_tracked.add_(1)
+        a = bn.weight * torch.rsqrt(var + bn.eps)
+        return a, bn.bias - mean * a
+
+    def _step_input(
+        self,
+        ft: FeatureTransformer,
+        x: Tensor,
+        affine: tuple[Tensor, Tensor] | None,
+        p: Tensor,
+        idx: Tensor,
+        k: int,
+    ) -> Tensor:
+        """The step's feature transformer applied to the masked input ``M * BN(x)``.
+
+        ``affine``: ``(a, c)`` when ``x`` is the raw input (``BN(x) = x * a + c``), None when
+        ``x`` is already normalised.
+        """
+        if p.shape[1] * self.sparse_input_ratio <= self.n_features:
+            xs = x.gather(1, idx)
+            if affine is not None:
+                xs = xs * affine[0][idx] + affine[1][idx]
+            proj = masked_linear(p * xs, idx, ft.first_fc.weight)
+            return ft(proj, k, projected=True)
+        xn = x if affine is None else torch.addcmul(affine[1], x, affine[0])
+        return ft(to_dense(p, idx, self.n_features) * xn, k)
+
+    def _run(self, x: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]], Tensor, int]:
+        """Logits (input row order), compact step masks (in the layout), sparsity, layout."""
+        k = self._layout_chunks(x.shape[0])
+        if k:
+            x = ghost_layout(x, k)
+        affine: tuple[Tensor, Tensor] | None = None
+        if x.requires_grad:
+            x = self.initial_bn(x)
+            att = self.initial_splitter(x, k)[:, self.n_d :]
+        else:
+            # BN(x) @ W.T == x @ (W * a).T + W @ c: no gradient w.r.t. the dense input needed
+            affine = a, c = self._input_affine(x)
+            weight = self.initial_splitter.first_fc.weight
+            proj = F.linear(x, weight * a, weight @ c)
+            att = self.initial_splitter(proj, k, projected=True)[:, self.n_d :]
+        prior: Tensor | None = None
+        decision: Tensor | None = None
+        masks: list[tuple[Tensor, Tensor]] = []
+        sparsity = x.new_zeros(())
+        for step in range(self.n_steps):
+            p, idx, entropy = self.att_transformers[step](att, prior, k)
+            masks.append((p, idx))
+            sparsity = sparsity + entropy.mean()
+            if step + 1 < self.n_steps:
+                m = to_dense(p, idx, self.n_features)
+                prior = (self.relaxation - m) if prior is None else prior * (self.relaxation - m)
+            out = self._step_input(self.feat_transformers[step], x, affine, p, idx, k)
+            d = F.relu(out[:, : self.n_d])
+            decision = d if decision is None else decision + d
+            att = out[:, self.n_d :]
+        assert decision is not None
+        logits = self.final(decision)
+        if k:
+            logits = from_ghost_layout(logits, k)
+        return logits, masks, sparsity / self.n_steps, k
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits (cells x classes); sets ``last_sparsity_loss`` (mask entropy)."""
+        logits, _, sparsity, _ = self._run(x)
+        self.last_sparsity_loss = sparsity
+        return logits
+
+    def forward_masks(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Logits and the dense attention mask of every step (in the current mode)."""
+        logits, compact, sparsity, k = self._run(x)
+        self.last_sparsity_loss = sparsity
+        masks = [to_dense(p, idx, self.n_features) for p, idx in compact]
+        if k:
+            masks = [from_ghost_layout(m, k) for m in masks]
+        return logits, masks
+
+    @torch.no_grad()
+    def masks(self, x: Tensor) -> Tensor:
+        """Attention masks in eval mode (cells x features, rows on the simplex).
+
+        With several steps: the mean of the step masks.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            _, masks = self.forward_masks(x)
+        finally:
+            self.train(was_training)
+        return masks[0] if len(masks) == 1 else torch.stack(masks).mean(0)

@@ -1,0 +1,593 @@
+"""scTab: 1.5-entmax, TabNet (ghost batch norm, attention masks, sparsity term), the method."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from celltype_bench import augmentation as augmentation_module
+from celltype_bench import balancing
+from celltype_bench.augmentation import apply_augmentation
+from celltype_bench.errors import InputError
+from celltype_bench.methods import Method, create
+from celltype_bench.methods import sctab as sctab_module
+from celltype_bench.methods.entmax import entmax15, entmax15_sparse
+from celltype_bench.methods.sctab import ScTab
+from celltype_bench.methods.tabnet import GhostBatchNorm, TabNet
+from celltype_bench.training import Checkpoint, as_csr
+
+torch.set_num_threads(2)
+
+SIZES = [200, 100, 60, 40, 20]  # imbalanced classes
+MARKERS = 4  # marker genes per class: class c over-expresses genes c*4 .. c*4+3
+FAST = {
+    "n_d": 8,
+    "n_a": 8,
+    "n_shared": 2,
+    "n_independent": 2,
+    "virtual_batch_size": 32,
+    "batch_size": 64,
+    "lr": 0.02,
+    "momentum": 0.2,
+    "input_momentum": 0.2,
+    "epochs": 12,
+    "patience": None,
+    "augment": False,
+    "device": "cpu",
+}
+
+
+def make_adata(seed: int = 0, n_genes: int = 40) -> ad.AnnData:
+    """420 cells, 5 imbalanced classes with marker genes; X = log1p(CP10k) CSR float32."""
+    rng = np.random.default_rng(seed)
+    base = rng.gamma(1.0, 1.0, size=n_genes)
+    counts, labels = [], []
+    for c, n in enumerate(SIZES):
+        mean = base.copy()
+        mean[c * MARKERS : (c + 1) * MARKERS] += 8.0
+        counts.append(rng.poisson(mean * 3.0, size=(n, n_genes)))
+        labels += [f"type_{c}"] * n
+    counts = np.vstack(counts).astype(np.float32)
+    X = np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4).astype(np.float32)
+    obs = pd.DataFrame(
+        {"cell_type": pd.Categorical(labels)}, index=[f"cell{i}" for i in range(len(labels))]
+    )
+    var = pd.DataFrame(index=[f"gene{j}" for j in range(n_genes)])
+    return ad.AnnData(sp.csr_matrix(X), obs=obs, var=var)
+
+
+@pytest.fixture(scope="module")
+def splits() -> dict[str, ad.AnnData]:
+    adata = make_adata()
+    perm = np.random.default_rng(1).permutation(adata.n_obs)
+    return {
+        "train": adata[perm[:300]].copy(),
+        "valid": adata[perm[300:360]].copy(),
+        "test": adata[perm[360:]].copy(),
+    }
+
+
+@pytest.fixture(scope="module")
+def fitted(splits) -> ScTab:
+    est = create("sctab", **FAST).fit(splits["train"], splits["valid"])
+    assert isinstance(est, ScTab)
+    return est
+
+
+def dense(adata: ad.AnnData) -> torch.Tensor:
+    return torch.from_numpy(as_csr(adata.X).toarray())
+
+
+def sparse_model(n_features: int = 40, n_classes: int = 5, seed: int = 0, **kw) -> TabNet:
+    """A small TabNet whose attention masks are sparse (large gain on the attention BN)."""
+    torch.manual_seed(seed)
+    model = TabNet(n_features, n_classes, n_d=8, n_a=8, n_shared=2, n_independent=2, **kw)
+    with torch.no_grad():
+        for att in model.att_transformers:
+            att.bn.weight.fill_(6.0)
+    return model
+
+
+# ---------------------------------------------------------------------------- entmax
+@pytest.mark.parametrize("scale", [0.05, 1.0, 5.0, 300.0])
+def test_entmax15_matches_the_entmax_package(scale):
+    entmax_pkg = pytest.importorskip("entmax")
+    torch.manual_seed(0)
+    z = (torch.randn(32, 30, dtype=torch.float64) * scale).requires_grad_()
+    g = torch.randn(32, 30, dtype=torch.float64)
+    for k in (None, 3, 8):
+        ours = entmax15(z, k=k)
+        ref = entmax_pkg.entmax15(z, dim=-1)
+        torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-10)
+        (g_ours,) = torch.autograd.grad(ours, z, g)
+        (g_ref,) = torch.autograd.grad(ref, z, g)
+        torch.testing.assert_close(g_ours, g_ref, atol=1e-10, rtol=1e-8)
+        assert (ours >= 0).all()
+        torch.testing.assert_close(ours.sum(-1), torch.ones(32, dtype=torch.float64))
+    if scale >= 1.0:
+        assert (entmax15(z) == 0).any(), "1.5-entmax must give exact zeros"
+
+
+def test_entmax15_any_dim_gradcheck_and_float32():
+    z = torch.randn(4, 6, 5, dtype=torch.float64, requires_grad=True)
+    for dim in (0, 1, 2, -1):
+        p = entmax15(z, dim=dim)
+        torch.testing.assert_close(p.sum(dim), torch.ones_like(p.sum(dim)))
+    assert torch.autograd.gradcheck(lambda t: entmax15(t, dim=1), (z,))
+    z32 = torch.randn(64, 100) * 3
+    p = entmax15(z32)
+    assert p.dtype == torch.float32 and (p == 0).any()
+    torch.testing.assert_close(p.sum(-1), torch.ones(64))
+
+
+def test_entmax15_numerically_stable_and_exact_for_a_dominant_entry():
+    z = torch.randn(16, 50) * 1e4
+    z[:, 0] = 1e6
+    p = entmax15(z)
+    assert torch.isfinite(p).all()
+    assert (p[:, 0] == 1.0).all() and (p[:, 1:] == 0).all()
+    # huge common offsets change nothing
+    z = torch.randn(8, 20, dtype=torch.float64)
+    torch.testing.assert_close(entmax15(z + 1e8), entmax15(z), atol=1e-7, rtol=0)
+
+
+def test_entmax15_partial_sort_hint_is_exact_bitwise():
+    torch.manual_seed(1)
+    z = torch.randn(256, 200) * 2
+    full = entmax15(z)
+    for k in (2, 5, 16, 64, 199):  # small hints fall back to a full sort
+        assert torch.equal(entmax15(z, k=k), full)
+
+
+def test_entmax15_sparse_entropy_and_its_gradient():
+    torch.manual_seed(2)
+    z = (torch.randn(10, 12, dtype=torch.float64) * 0.7).requires_grad_()
+    p, idx, h, support = entmax15_sparse(z)
+    dense_p = torch.zeros_like(z).scatter(1, idx, p)
+    torch.testing.assert_close(dense_p, entmax15(z))
+    ref = -(dense_p * torch.log(dense_p + 1e-15)).sum(1)
+    torch.testing.assert_close(h, ref)
+    assert (support.squeeze(1) >= (dense_p > 0).sum(1)).all()
+    assert torch.autograd.gradcheck(lambda t: entmax15_sparse(t)[2], (z,))
+
+
+# ---------------------------------------------------------------------------- ghost batch norm
+def test_ghost_batch_norm_normalises_each_virtual_batch_separately():
+    torch.manual_seed(0)
+    x = torch.randn(512, 6)
+    x[256:] += 10.0  # second virtual batch: another mean
+    gbn = GhostBatchNorm(6, virtual_batch_size=256).train()
+    y = gbn(x)
+    for chunk in (y[:256], y[256:]):
+        torch.testing.assert_close(chunk.mean(0), torch.zeros(6), atol=1e-5, rtol=0)
+        torch.testing.assert_close(chunk.std(0, unbiased=False), torch.ones(6), atol=1e-3, rtol=0)
+    plain = torch.nn.BatchNorm1d(6).train()(x)  # one batch: the chunks end up at about -1, +1
+    assert plain[:256].mean() < -0.9 and plain[256:].mean() > 0.9
+
+
+@pytest.mark.parametrize("n", [512, 600, 513, 200])
+def test_ghost_batch_norm_equals_a_loop_over_chunks(n):
+    """Outputs, gradients and running statistics equal TabNet's loop over ``torch.chunk``."""
+    torch.manual_seed(n)
+    x = torch.randn(n, 5) * 3 + 1
+    g = torch.randn(n, 5)
+    gbn = GhostBatchNorm(5, virtual_batch_size=256, momentum=0.3)
+    ref = torch.nn.BatchNorm1d(5, momentum=0.3)
+    with torch.no_grad():
+        gbn.weight.uniform_(0.5, 2)
+        gbn.bias.uniform_(-1, 1)
+    ref.load_state_dict(gbn.state_dict())
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = gbn(xa)
+    chunks = max(n // 256, 1)
+    yb = torch.cat([ref(c) for c in xb.chunk(chunks, 0)])
+    torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gbn.weight.grad, ref.weight.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gbn.running_mean, ref.running_mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gbn.running_var, ref.running_var, atol=1e-5, rtol=1e-5)
+    assert int(gbn.num_batches_tracked) == chunks
+    gbn.eval()
+    ref.eval()
+    torch.testing.assert_close(gbn(x), ref(x), atol=1e-5, rtol=1e-5)  # eval: running stats
+
+
+def test_tabnet_reorders_batches_into_virtual_batches_consistently():
+    """A training batch of 4 virtual batches gives the same logits in the model's internal
+    (interleaved) layout as running each ghost batch norm on the original row order."""
+    model = sparse_model(virtual_batch_size=16)
+    x = torch.rand(64, 40) * 4
+    model.train()
+    fast = model(x)
+    model._layout_chunks = lambda n: 0  # type: ignore[method-assign]
+    slow = model(x)
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------- TabNet
+def test_glu_blocks_residual_scaling_and_shared_layers():
+    torch.manual_seed(0)
+    model = TabNet(12, 3, n_d=4, n_a=4, n_shared=2, n_independent=3, virtual_batch_size=8)
+    split, step = model.initial_splitter, model.feat_transformers[0]
+    for i in range(2):  # the shared Linears are the same modules in every transformer
+        assert split.shared.layers[i].fc is step.shared.layers[i].fc
+        assert split.shared.layers[i].bn is not step.shared.layers[i].bn
+    assert split.specific.layers[0].fc is not step.specific.layers[0].fc
+    assert len(step.specific.layers) == 3 and not step.specific.first and step.shared.first
+    block = step.specific.eval()
+    h = torch.randn(5, 8)
+    expected = h
+    for layer in block.layers:
+        expected = (expected + layer(expected)) * math.sqrt(0.5)
+    torch.testing.assert_close(block(h), expected)
+    first = step.shared.eval()
+    x = torch.randn(5, 12)
+    expected = first.layers[0](x)  # the first layer (input width 12) has no residual
+    expected = (expected + first.layers[1](expected)) * math.sqrt(0.5)
+    torch.testing.assert_close(first(x), expected)
+    glu = first.layers[0]
+    z = glu.bn(glu.fc(x))
+    torch.testing.assert_close(glu(x), z[:, :8] * torch.sigmoid(z[:, 8:]))
+
+
+def _ref_key(key: str) -> str:
+    if key.startswith("final."):
+        return "tabnet.final_mapping." + key[len("final.") :]
+    out = key.replace(".layers.", ".glu_layers.").replace(".specific.", ".specifics.")
+    if not key.startswith("initial_bn."):
+        out = out.replace(".bn.", ".bn.bn.")
+    return "tabnet.encoder." + out
+
+
+@pytest.mark.parametrize("ratio", [1e9, 1.0])  # dense / sparse masked-input path
+def test_tabnet_equals_pytorch_tabnet_with_the_same_weights(ratio):
+    tab_network = pytest.importorskip("pytorch_tabnet.tab_network")
+    n_features, n_classes = 40, 5
+    ours = sparse_model(n_features, n_classes, virtual_batch_size=32)
+    ours.sparse_input_ratio = ratio
+    ref = tab_network.TabNet(
+        n_features,
+        n_classes,
+        n_d=8,
+        n_a=8,
+        n_steps=1,
+        n_independent=2,
+        n_shared=2,
+        virtual_batch_size=32,
+        momentum=0.02,
+        mask_type="entmax",
+        group_attention_matrix=torch.eye(n_features),
+    )
+    state = {_ref_key(k): v for k, v in ours.state_dict().items() if "k_hint" not in k}
+    ref_state = ref.state_dict()
+    for key in ref_state:
+        if ".shared.shared_layers." in key:  # pytorch-tabnet lists the shared Linears twice
+            i = key.split(".shared.shared_layers.")[1].split(".")[0]
+            state[key] = ours.state_dict()[f"initial_splitter.shared.layers.{i}.fc.weight"]
+        elif key not in state:
+            state[key] = ref_state[key]
+    ref.load_state_dict(state)
+    x = torch.rand(128, n_features) * 4
+    y = torch.randint(0, n_classes, (128,))
+    for train in (True, False):
+        ours.train(train)
+        ref.train(train)
+        out, m_loss = ref(x)
+        ours_out = ours(x)
+        torch.testing.assert_close(ours_out, out, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours.last_sparsity_loss, -m_loss, atol=1e-5, rtol=1e-5)
+    ours.train()
+    ref.train()
+    F.cross_entropy(ours(x), y).backward()
+    out, _ = ref(x)
+    F.cross_entropy(out, y).backward()
+    ref_params = dict(ref.named_parameters(remove_duplicate=False))
+    for name, param in ours.named_parameters():
+        theirs = ref_params[_ref_key(name)].grad
+        torch.testing.assert_close(param.grad, theirs, atol=1e-5, rtol=1e-3)
+
+
+def test_masks_gate_the_inputs_reaching_the_classifier():
+    model = sparse_model().eval()
+    x = torch.rand(64, 40) * 4
+    masks = model.masks(x)
+    assert masks.shape == (64, 40)
+    torch.testing.assert_close(masks.sum(1), torch.ones(64))
+    off = (masks == 0).nonzero()
+    on = (masks > 0.05).nonzero()
+    assert len(off) > 0 and len(on) > 0
+    base = model(x)
+
+    # hold the attention fixed: then only features with mask > 0 can move the logits
+    att = model.att_transformers[0]
+    frozen: list = []
+    handle = att.register_forward_hook(lambda mod, inp, out: frozen.append(out))
+    model(x)
+    handle.remove()
+    handle = att.register_forward_hook(lambda mod, inp, out: frozen[0])
+    try:
+        torch.testing.assert_close(model(x), base)
+        (i, j), (i2, j2) = off[0].tolist(), on[0].tolist()
+        x_off, x_on = x.clone(), x.clone()
+        x_off[i, j] += 5.0
+        x_on[i2, j2] += 5.0
+        torch.testing.assert_close(model(x_off), base)
+        assert not torch.allclose(model(x_on)[i2], base[i2])
+    finally:
+        handle.remove()
+
+    # a uniform mask (attention switched off) changes the logits
+    d = model.n_features
+    uniform = (
+        torch.full((64, d), 1.0 / d),
+        torch.arange(d).repeat(64, 1),
+        torch.zeros(64),
+    )
+    handle = att.register_forward_hook(lambda mod, inp, out: uniform)
+    try:
+        assert not torch.allclose(model(x), base, atol=1e-3)
+    finally:
+        handle.remove()
+
+
+def test_sparse_and_dense_masked_input_paths_agree():
+    model = sparse_model().train()
+    x = torch.rand(96, 40) * 4
+    grads = []
+    outs = []
+    for ratio in (1e9, 1.0):
+        model.zero_grad()
+        model.sparse_input_ratio = ratio
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        out = model(x)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        model.load_state_dict(state)  # same running statistics for the second pass
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-3, rtol=1e-3)
+
+
+def test_sparsity_loss_is_the_mask_entropy():
+    model = sparse_model().train()
+    x = torch.rand(64, 40) * 4
+    _, masks = model.forward_masks(x)
+    m = masks[0]
+    expected = (-m * torch.log(m + 1e-15)).sum(1).mean()
+    torch.testing.assert_close(model.last_sparsity_loss, expected)
+    assert 0 < float(expected.detach()) < math.log(40)
+    assert model.last_sparsity_loss.requires_grad
+
+
+# ---------------------------------------------------------------------------- augmentation
+def test_apply_augmentation_random_vector_random_sign_clamped():
+    torch.manual_seed(0)
+    x = torch.rand(400, 6) * 8
+    vectors = torch.tensor(
+        [[1.5, 0, 0, 0, 0, -1.5], [0, 1.0, 0, 0, 0.5, 0], [0, 0, 1.2, -1.2, 0, 0]]
+    )
+    out = apply_augmentation(x, vectors, torch.Generator().manual_seed(3))
+    assert out.min() >= 0.0 and out.max() <= 9.0
+    candidates = torch.stack(
+        [(x + s * v).clamp(0, 9) for v in vectors for s in (1.0, -1.0)], dim=1
+    )  # cells x 6 candidates x genes
+    match = (candidates == out[:, None, :]).all(-1)
+    assert match.any(1).all(), "every row is x plus or minus one vector, clamped to [0, 9]"
+    which = match.float().argmax(1)
+    signs = which % 2
+    assert 0.35 < signs.float().mean() < 0.65  # both signs, about equally often
+    assert len(torch.unique(which // 2)) == 3  # every vector is used
+    again = apply_augmentation(x, vectors, torch.Generator().manual_seed(3))
+    other = apply_augmentation(x, vectors, torch.Generator().manual_seed(4))
+    assert torch.equal(out, again) and not torch.equal(out, other)
+    assert (apply_augmentation(torch.full((5, 6), 8.5), vectors * 10, torch.Generator()) <= 9).all()
+
+
+def test_augmentation_applies_in_training_only(splits, monkeypatch):
+    calls = {"n": 0}
+    real = augmentation_module.apply_augmentation
+
+    def counting(x, vectors, generator):
+        calls["n"] += 1
+        return real(x, vectors, generator)
+
+    monkeypatch.setattr(augmentation_module, "apply_augmentation", counting)
+    train, valid, test = splits["train"], splits["valid"], splits["test"]
+    vectors = np.random.default_rng(0).normal(0, 1.0, size=(20, train.n_vars)).astype(np.float32)
+    params = {**FAST, "augment": True, "epochs": 2}
+    plain = create("sctab", **{**params, "augment": False}).fit(train, valid)
+    aug = create("sctab", **params).fit(train, valid, augmentation=vectors)
+    n_train_calls = calls["n"]
+    assert n_train_calls == 2 * math.ceil(train.n_obs / FAST["batch_size"])
+    assert aug.augmented_ and not plain.augmented_
+    assert aug._state()["augmented"] is True and aug._state()["n_augmentation_vectors"] == 20
+    assert aug.history_[0]["loss"] != plain.history_[0]["loss"]
+    proba = aug.predict_proba(test).to_numpy()
+    assert calls["n"] == n_train_calls, "no augmentation at prediction"
+    module = aug.module_.eval()
+    with torch.no_grad():
+        direct = torch.softmax(module(dense(test)), 1).numpy()
+    np.testing.assert_allclose(proba, direct, atol=1e-5)
+
+
+def test_augment_without_vectors_warns_and_records_it(splits, caplog):
+    with caplog.at_level(logging.WARNING, logger="celltype_bench"):
+        est = create("sctab", **{**FAST, "augment": True, "epochs": 1}).fit(splits["train"])
+    warnings = [r for r in caplog.records if "no augmentation vectors" in r.getMessage()]
+    assert len(warnings) == 1
+    assert est._state()["augmented"] is False
+
+
+# ---------------------------------------------------------------------------- training
+def test_fit_torch_gets_the_papers_training_mechanisms(splits, monkeypatch):
+    seen = {}
+    real = sctab_module.fit_torch
+
+    def spy(module, X, y, **kw):
+        seen.update(kw, y=y, module=module)
+        return real(module, X, y, **kw)
+
+    monkeypatch.setattr(sctab_module, "fit_torch", spy)
+    est = create("sctab", **{**FAST, "epochs": 1, "lambda_sparse": 0.5}).fit(splits["train"])
+    y = seen["y"]
+    n, k = len(y), len(est.classes_)
+    expected = n / (k * np.bincount(y, minlength=k))
+    np.testing.assert_allclose(seen["class_weights"], expected)
+    np.testing.assert_allclose(est.class_weights_, expected)
+    assert seen["grad_clip"] == 1.0 and seen["batch_size"] == FAST["batch_size"]
+    module = seen["module"]
+    module.train()(dense(splits["train"])[:64])
+    reg = seen["regularizer"]().item()
+    assert reg == pytest.approx(0.5 * module.last_sparsity_loss.item())
+    opt = seen["optimizer"](module.parameters())
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.defaults["lr"] == FAST["lr"] and opt.defaults["weight_decay"] == 0.05
+    sched = seen["scheduler"](opt)
+    assert isinstance(sched, torch.optim.lr_scheduler.StepLR) and sched.gamma == 0.9
+    seen.clear()
+    create("sctab", **{**FAST, "epochs": 1, "class_weighted": False}).fit(splits["train"])
+    np.testing.assert_allclose(seen["class_weights"], np.ones(k))
+
+
+def test_sparsity_regulariser_enters_the_loss(splits):
+    """One batch per epoch: the first epoch's loss differs by lambda x the mask entropy."""
+    params = {**FAST, "epochs": 1, "batch_size": 512, "virtual_batch_size": 128}
+    base = create("sctab", **params, lambda_sparse=0.0).fit(splits["train"])
+    reg = create("sctab", **params, lambda_sparse=10.0).fit(splits["train"])
+    diff = reg.history_[0]["loss"] - base.history_[0]["loss"]
+    assert 0 < diff / 10.0 <= math.log(splits["train"].n_vars) + 1e-6
+
+
+def test_learns_and_roundtrips_save_load(fitted, splits, tmp_path):
+    test = splits["test"]
+    truth = test.obs["cell_type"].astype(str).to_numpy()
+    pred = fitted.predict(test)
+    assert np.mean(pred == truth) > 0.8  # chance: 0.2 (majority class 0.48)
+    proba = fitted.predict_proba(test)
+    assert proba.shape == (test.n_obs, 5)
+    np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-6)
+    fitted.save(tmp_path / "m")
+    loaded = Method.load(tmp_path / "m")
+    assert isinstance(loaded, ScTab) and loaded.params == fitted.params
+    np.testing.assert_array_equal(loaded.predict_proba(test).to_numpy(), proba.to_numpy())
+    np.testing.assert_allclose(loaded.class_weights_, fitted.class_weights_)
+
+
+def test_class_masks_and_top_genes(fitted, splits):
+    test = splits["test"]
+    masks = fitted.class_masks(test)
+    assert list(masks.columns) == list(test.var_names)
+    assert set(masks.index) <= set(fitted.classes_)
+    np.testing.assert_allclose(masks.sum(1), 1.0, atol=1e-5)
+    by_prediction = fitted.class_masks(test, use_labels=False)
+    assert set(by_prediction.index) <= set(fitted.classes_)
+    unlabeled = test.copy()
+    del unlabeled.obs["cell_type"]
+    pd.testing.assert_frame_equal(fitted.class_masks(unlabeled), by_prediction)
+    top = fitted.top_genes(test, n=3)
+    assert top.shape == (len(masks), 3) and list(top.columns) == [1, 2, 3]
+    with_marker = 0
+    for cls, genes in top.iterrows():
+        row = masks.loc[cls]
+        assert list(genes) == list(row.sort_values(ascending=False, kind="stable").index[:3])
+        c = int(str(cls).split("_")[1])
+        markers = {f"gene{j}" for j in range(c * MARKERS, (c + 1) * MARKERS)}
+        with_marker += bool(markers & set(genes))
+    assert with_marker >= 3, "most classes attend to their own marker genes"
+
+
+def test_same_seed_same_predictions(splits):
+    params = {**FAST, "epochs": 3}
+    a = create("sctab", **params, seed=5).fit(splits["train"], splits["valid"])
+    b = create("sctab", **params, seed=5).fit(splits["train"], splits["valid"])
+    c = create("sctab", **params, seed=6).fit(splits["train"], splits["valid"])
+    pa, pb, pc = (m.predict_proba(splits["test"]).to_numpy() for m in (a, b, c))
+    np.testing.assert_array_equal(pa, pb)
+    assert not np.array_equal(pa, pc)
+
+
+class _Killed(RuntimeError):
+    pass
+
+
+def test_resume_after_a_kill_ends_like_an_uninterrupted_fit(splits, tmp_path, monkeypatch, caplog):
+    params = {**FAST, "epochs": 4}
+    vectors = np.random.default_rng(0).normal(0, 0.5, size=(10, splits["train"].n_vars))
+    params["augment"] = True
+    kwargs = {"augmentation": vectors.astype(np.float32)}
+    full = create("sctab", **params).fit(
+        splits["train"], splits["valid"], checkpoint_dir=tmp_path / "a", **kwargs
+    )
+
+    real_save = Checkpoint.save
+
+    def save_then_die(self, state):
+        real_save(self, state)
+        if state["epoch"] == 2:
+            raise _Killed("killed after epoch 2")
+
+    monkeypatch.setattr(Checkpoint, "save", save_then_die)
+    with pytest.raises(_Killed):
+        create("sctab", **params).fit(
+            splits["train"], splits["valid"], checkpoint_dir=tmp_path / "b", **kwargs
+        )
+    monkeypatch.setattr(Checkpoint, "save", real_save)
+    with caplog.at_level(logging.INFO, logger="celltype_bench"):
+        resumed = create("sctab", **params).fit(
+            splits["train"], splits["valid"], checkpoint_dir=tmp_path / "b", **kwargs
+        )
+    assert any("resuming from checkpoint" in r.getMessage() for r in caplog.records)
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert logged and all(m.startswith(("epoch 3/", "epoch 4/")) for m in logged)
+    assert [h["epoch"] for h in resumed.history_] == [1, 2, 3, 4]
+    assert [h["loss"] for h in resumed.history_] == [h["loss"] for h in full.history_]
+    np.testing.assert_array_equal(
+        resumed.predict_proba(splits["test"]).to_numpy(),
+        full.predict_proba(splits["test"]).to_numpy(),
+    )
+
+
+# ---------------------------------------------------------------------------- interface
+def test_registered_with_the_papers_defaults_and_balancing_switches():
+    est = create("sctab")
+    p = est.params
+    assert (p["n_d"], p["n_a"], p["n_steps"], p["n_shared"], p["n_independent"]) == (
+        128,
+        64,
+        1,
+        3,
+        5,
+    )
+    assert (p["virtual_batch_size"], p["lambda_sparse"], p["lr"], p["weight_decay"]) == (
+        256,
+        1e-5,
+        0.005,
+        0.05,
+    )
+    assert (p["gamma"], p["batch_size"], p["grad_clip"], p["augment"]) == (0.9, 2048, 1.0, True)
+    assert p["class_weighted"] is True and p["weighted_sampling"] is False
+    assert ScTab.native_balancing == "class_weight"
+    sampled = balancing.configure("sctab", {}, "weighted_sampling")
+    assert sampled["weighted_sampling"] is True and sampled["class_weighted"] is False
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"n_d": 0}, {"lambda_sparse": -1.0}, {"momentum": 0.0}, {"n_shared": 0, "n_independent": 0}],
+)
+def test_bad_parameters_are_refused(bad):
+    with pytest.raises(InputError):
+        create("sctab", **bad)
+    with pytest.raises(InputError, match="unknown parameter"):
+        create("sctab", n_decision_steps=2)
