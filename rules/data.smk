@@ -6,6 +6,11 @@ def fetch_inputs(wildcards):
     return []
 
 
+# Downloads run where snakemake runs (a cluster's login node has internet; compute nodes often not).
+localrules:
+    fetch,
+
+
 rule fetch:
     input:
         fetch_inputs,

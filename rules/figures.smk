@@ -190,3 +190,27 @@ rule figure_scaling:
         "../envs/bench.yaml"
     script:
         "../scripts/figure_scaling.py"
+
+
+rule figure_model_size:
+    input:
+        scores="results/tables/tasks/{task}/scores.csv",
+        runtime="results/tables/tasks/{task}/runtime.csv",
+    output:
+        report(
+            "results/figures/{task}_model_size.png",
+            caption="../report/model_size.rst",
+            category="Scaling",
+            subcategory="{task}",
+            labels={"task": "{task}", "figure": "macro F1 vs model size"},
+        ),
+    params:
+        dpi=config["figures"]["dpi"],
+    log:
+        "logs/figures/{task}_model_size.log",
+    benchmark:
+        "results/benchmarks/figures/{task}_model_size.tsv"
+    conda:
+        "../envs/bench.yaml"
+    script:
+        "../scripts/figure_model_size.py"

@@ -77,3 +77,29 @@ def test_summary_mean_and_sd():
     )
     assert good["macro_f1_sd"] > 0
     assert s.iloc[0]["method"] == "good"
+
+
+def test_model_size_plots_parameter_counts_and_skips_controls(tmp_path):
+    from celltype_bench.figures import model_size
+
+    sc = _scores()
+    rt = sc[["task", "method", "balancing", "replicate"]].copy()
+    rt["model"] = rt["method"].map({"good": "net", "ok": "net", "majority": "majority"})
+    rt["n_parameters"] = rt["method"].map({"good": 2_000_000, "ok": 50_000, "majority": None})
+    sc.to_csv(tmp_path / "scores.csv", index=False)
+    rt.to_csv(tmp_path / "runtime.csv", index=False)
+    out = tmp_path / "size.png"
+    model_size(str(tmp_path / "scores.csv"), str(tmp_path / "runtime.csv"), "t", str(out))
+    assert figure_methods(out) == ["good", "ok"]
+
+
+def test_count_parameters_of_a_torch_method():
+    import torch
+
+    from celltype_bench.steps import count_parameters
+
+    class Est:
+        module_ = torch.nn.Linear(10, 3)
+
+    assert count_parameters(Est()) == 33
+    assert count_parameters(object()) is None

@@ -400,3 +400,48 @@ def scaling_curves(
     axes[0].legend(fontsize=7, frameon=False)
     fig.suptitle(f"{task}: scaling with training data (nested tiers, validation and test fixed)")
     _save(fig, out, dpi, methods)
+
+
+def model_size(scores: str, runtime: str, task: str, out: str, dpi: int = 120) -> None:
+    """Test macro F1 vs trainable parameters (log x), scTab Fig. 2e.
+
+    One point per configured method (mean ± sd over replicates); methods built on the same
+    model (e.g. ``sctab`` at several widths) are joined by a line.
+    """
+    sc = _task_rows(pd.read_csv(scores), task, scores)
+    rt = pd.read_csv(runtime)
+    keys = ["task", "method", "balancing", "replicate"]
+    cols = [c for c in ("model", "n_parameters") if c in rt.columns]
+    df = sc.merge(rt[[*keys, *cols]], on=keys, how="left")
+    if "n_parameters" not in df:
+        df["n_parameters"] = np.nan
+    if "model" not in df:
+        df["model"] = df["method"]
+    df = df[df["n_parameters"].notna() & ~df["control"].astype(bool)]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    methods: list[str] = []
+    if df.empty:
+        ax.text(0.5, 0.5, "no method with a parameter count ran on this task", ha="center")
+        ax.set_axis_off()
+    else:
+        agg = (
+            df.groupby(["model", "method"])
+            .agg(n=("n_parameters", "mean"), f1=("macro_f1", "mean"), sd=("macro_f1", "std"))
+            .reset_index()
+            .sort_values("n")
+        )
+        methods = sorted(agg["method"].unique())
+        for model, g in agg.groupby("model"):
+            ax.errorbar(
+                g["n"], g["f1"], yerr=g["sd"].fillna(0), marker="o", capsize=2,
+                linestyle="-" if len(g) > 1 else "none", label=str(model),
+            )  # fmt: skip
+            for _, r in g.iterrows():
+                ax.annotate(r["method"], (r["n"], r["f1"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (log scale)")
+        ax.set_ylabel("test macro F1")
+        ax.legend(fontsize=7, frameon=False, title="model")
+    fig.suptitle(f"{task}: macro F1 vs model size")
+    _save(fig, out, dpi, methods)

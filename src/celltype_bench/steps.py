@@ -279,6 +279,7 @@ def train_run(
         "uses_unlabeled": bool(getattr(est, "uses_unlabeled", False)),
         "n_unlabeled": n_unlabeled,
         "augmented": bool(augmentation),
+        "n_parameters": count_parameters(est),
         "history": getattr(est, "history_", None),
     }
     io.write_json(info, out_run)
@@ -293,6 +294,21 @@ def train_run(
 
 
 FAILED = "failed"
+
+
+def count_parameters(est: Any) -> int | None:
+    """Trainable parameters of a fitted estimator (None for methods without a torch module).
+
+    ``est.n_parameters_`` wins when a method sets it (e.g. an ensemble sums its members);
+    otherwise the parameters of ``est.module_`` are counted.
+    """
+    n = getattr(est, "n_parameters_", None)
+    if n is not None:
+        return int(n)
+    module = getattr(est, "module_", None)
+    if module is None or not hasattr(module, "parameters"):
+        return None
+    return int(sum(p.numel() for p in module.parameters() if p.requires_grad))
 
 
 def train_or_record(*, on_failure: str = "record", log_file: str | None = None, **kwargs) -> None:
@@ -594,6 +610,8 @@ def aggregate(
                 "fit_seconds": info.get("fit_seconds"),
                 "predict_seconds": info.get("predict_seconds"),
                 "peak_rss_mb": info.get("peak_rss_mb"),
+                "model": info.get("method"),
+                "n_parameters": info.get("n_parameters"),
                 **bench,
             }
         )

@@ -30,6 +30,16 @@ class WorkflowConfig:
     @classmethod
     def from_dict(cls, config: dict[str, Any], source: str = "config.yaml") -> WorkflowConfig:
         """Build and cross-check; raises InputError naming the offending key."""
+        if not isinstance(config, dict):
+            raise InputError("the config is not a mapping", file=str(source), fix="see config.yaml")
+        for key in ("datasets", "tasks", "methods"):
+            if not isinstance(config.get(key), dict) or not config[key]:
+                raise InputError(
+                    f"the config has no '{key}' section (or it is empty)",
+                    file=str(source),
+                    field=key,
+                    fix=f"add a '{key}:' mapping (see config.yaml and config/schema.yaml)",
+                )
         self = cls(raw=config, source=str(source))
         self._check()
         return self
@@ -251,6 +261,11 @@ class WorkflowConfig:
         from .methods.base import TorchMethod
 
         cls = self.method_class(key) if key in self.methods else None
+        if cls is not None and hasattr(cls, "augments"):  # an ensemble: its member decides
+            from .methods import get
+
+            member = self.methods[key].get("params", {}).get("member")
+            cls = get(member or cls.default_params["member"])
         torch_method = isinstance(cls, type) and issubclass(cls, TorchMethod)
         res: dict[str, Any] = {
             **DEFAULT_RESOURCES,
@@ -426,6 +441,7 @@ class WorkflowConfig:
         "balancing_per_class": "results/figures/{task}_balancing_per_class.png",
         "balancing_runtime": "results/figures/balancing_runtime.png",
         "scaling": "results/figures/{task}_scaling.png",
+        "model_size": "results/figures/{task}_model_size.png",
         "reproduction": "results/tables/reproduction.html",
     }
 
@@ -469,7 +485,23 @@ class WorkflowConfig:
             targets.append("results/tables/reproduction.html")
         for task in self.scaled_tasks:
             targets.append(f"results/figures/{task}_scaling.png")
+        for task in self.model_size_tasks:
+            targets.append(f"results/figures/{task}_model_size.png")
         return targets
+
+    @property
+    def model_size_tasks(self) -> list[str]:
+        """Primary tasks running one registry model under several config keys (e.g. widths)."""
+        out = []
+        for task in self.primary_tasks:
+            models = [
+                self.methods[m].get("method", m)
+                for m in self.methods_for(task)
+                if not self.methods[m].get("external")
+            ]
+            if any(models.count(x) > 1 for x in set(models)):
+                out.append(task)
+        return out
 
 
 def import_method_module(module: str, where: str = "config") -> None:
