@@ -123,7 +123,7 @@ def _snakemake(cwd: Path, *args: str) -> subprocess.CompletedProcess:
         cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=2400,
     )
 
 

@@ -345,7 +345,10 @@ def fit_torch(
       improvement.
     - ``fused_optimizer``: run Adam / AdamW with torch's fused kernel when the optimizer did not
       choose an implementation (see :func:`use_fused_kernel`: same update rule, faster).
-    - Batches: see :func:`iterate_minibatches` (chunked densification, same batches).
+    - Batches: see :func:`iterate_minibatches` (chunked densification, same batches). An
+      on-disk ``X_train`` (``celltype_bench.data.ondisk.OnDiskCSR``) is read by its
+      block-shuffled loader instead: the epoch's cells (sampler draws or permutation) are
+      regrouped into buffers of contiguous blocks read sequentially.
 
     Returns one dict per epoch: epoch, loss, val_macro_f1 and val_loss (None without
     validation), seconds, cells (seen this epoch), cells_per_s, lr. Deterministic on CPU for a
@@ -431,9 +434,20 @@ def fit_torch(
         indices = sampler(epoch_rng) if sampler is not None else epoch_rng.permutation(len(y_train))
         model.train()
         total_loss, seen = 0.0, 0
-        for xb, yb in iterate_minibatches(
-            X_train, y_train, batch_size, indices=indices, device=device, min_batch=min_batch
-        ):
+        if hasattr(X_train, "block_minibatches"):  # on disk: block-shuffled, sequential reads
+            batches = X_train.block_minibatches(
+                y_train,
+                batch_size,
+                indices=indices,
+                rng=epoch_rng,
+                device=device,
+                min_batch=min_batch,
+            )
+        else:
+            batches = iterate_minibatches(
+                X_train, y_train, batch_size, indices=indices, device=device, min_batch=min_batch
+            )
+        for xb, yb in batches:
             if augment is not None:
                 xb = augment(xb, gen)
             optimizer.zero_grad(set_to_none=True)

@@ -118,6 +118,8 @@ def read_labels(adata: ad.AnnData, label_key: str, role: str) -> np.ndarray:
             field=label_key,
             fix="drop unlabeled cells from the training and validation sets, or fill their labels",
         )
+    if isinstance(s.dtype, pd.CategoricalDtype):  # the same strings, one object per category
+        return s.cat.categories.astype(str).to_numpy(dtype=object)[s.cat.codes.to_numpy()]
     return s.astype(str).to_numpy()
 
 
@@ -193,6 +195,9 @@ class Method(abc.ABC):
     balancing_params: ClassVar[dict[str, str]] = {}
     default_params: ClassVar[dict[str, Any]] = {}
     nullable_params: ClassVar[frozenset[str]] = frozenset()
+    # Trains and predicts from an on-disk X (celltype_bench.data.ondisk.OnDiskCSR) without
+    # loading it: the train step opens data above the memory budget on disk for such methods.
+    supports_ondisk: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         self.params: dict[str, Any] = type(self).check_params(params)

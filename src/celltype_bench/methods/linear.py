@@ -34,6 +34,7 @@ class Linear(TorchMethod):
     """Linear classifier trained with class-weighted cross-entropy."""
 
     native_balancing = "class_weight"
+    supports_ondisk = True  # fit_torch reads on-disk X block by block
     default_params = {
         "epochs": 20,
         "batch_size": 2048,

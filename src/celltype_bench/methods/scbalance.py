@@ -82,6 +82,7 @@ class ScBalance(TorchMethod):
     """scBalance: weighted random sampling + a 3-hidden-layer dropout network."""
 
     native_balancing = "weighted_sampling"
+    supports_ondisk = True  # fit_torch reads on-disk X block by block
     default_params = {
         "epochs": 20,
         "batch_size": 128,

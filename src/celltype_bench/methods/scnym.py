@@ -504,6 +504,9 @@ class ScNym(TorchMethod):
     """scNym: MixMatch semi-supervision + domain adversary on a 256-256 network."""
 
     uses_unlabeled = True
+    # the registry name of the same network trained without unlabeled cells (the gain table,
+    # celltype_bench.unlabeled_gain, reports this method's macro F1 minus the control's)
+    supervised_control: ClassVar[str | None] = "scnym_supervised"
     native_balancing = "none"
     default_params: ClassVar[dict[str, Any]] = {
         "epochs": 100,
@@ -942,6 +945,7 @@ class ScNymSupervised(ScNym):
     """scNym's network trained supervised only: the control without unlabeled cells."""
 
     uses_unlabeled = False
+    supervised_control = None
     default_params: ClassVar[dict[str, Any]] = {
         **ScNym.default_params,
         "ssl": False,

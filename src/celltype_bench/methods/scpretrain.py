@@ -674,6 +674,8 @@ class ScPretrain(_Pretraining, TorchMethod):
     """scPretrain: multi-task k-means pre-training, then fine-tuning on the labeled cells."""
 
     uses_unlabeled = True
+    # the same network from random initialisation (celltype_bench.unlabeled_gain pairs them)
+    supervised_control: ClassVar[str | None] = "scpretrain_nopretrain"
     native_balancing = "none"
     pretrained: ClassVar[bool] = True
     default_params: ClassVar[dict[str, Any]] = {
@@ -767,6 +769,7 @@ class ScPretrainNoPretrain(ScPretrain):
     """scPretrain's fine-tuning network from random initialisation (no pre-training)."""
 
     uses_unlabeled = False
+    supervised_control = None
     pretrained = False
     default_params: ClassVar[dict[str, Any]] = {
         k: v
@@ -780,6 +783,8 @@ class _ScPretrainRepresentation(_Pretraining, Method):
     """The pre-trained embedding feeding a scikit-learn classifier."""
 
     uses_unlabeled = True
+    # no registered method fits the same classifier on the raw expression: no pair
+    supervised_control: ClassVar[str | None] = None
     native_balancing = "none"
     supported_weightings: ClassVar[frozenset[str]] = frozenset({"class_weight"})
     balancing_params: ClassVar[dict[str, str]] = {"class_weight": "class_weighted"}

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anndata as ad
@@ -127,6 +128,18 @@ class ScTab(TorchMethod):
         self.class_weights_: np.ndarray | None = None
         self.augmented_: bool = False
         self.n_augmentation_vectors_: int | None = None
+        self.n_parameters_: int | None = None
+
+    @classmethod
+    def count_parameters(cls, n_genes: int, n_classes: int, **params: Any) -> int:
+        """Trainable parameters of the network for ``n_genes`` x ``n_classes`` with these
+        parameters (defaults filled in), without fitting (built on torch's meta device: no
+        memory, no initialisation). Equals ``n_parameters_`` after a fit on such data; e.g.
+        to choose widths for the model-size curve (scTab Fig. 2f: 1.7 to 16.2 million)."""
+        with torch.device("meta"):
+            module = cls(**params)._build_module(int(n_genes), int(n_classes))
+        assert isinstance(module, TabNet)
+        return module.n_parameters()
 
     def _build_module(self, n_genes: int, n_classes: int) -> nn.Module:
         p = self.params
@@ -180,6 +193,10 @@ class ScTab(TorchMethod):
         sampler = (lambda rng: epoch_indices(y, rng)) if p["weighted_sampling"] else None
         lam = float(p["lambda_sparse"])
         regularizer = (lambda: lam * module.last_sparsity_loss) if lam > 0 else None
+        self.n_parameters_ = module.n_parameters()
+        self.logger.info(
+            "sctab: n_d %d, n_a %d: %d trainable parameters", p["n_d"], p["n_a"], self.n_parameters_
+        )
         with _no_uninitialized_fill():
             self.history_ = self._fit_torch(module, X, y, X_valid, y_valid, sampler, regularizer)
         self.module_ = module
@@ -297,6 +314,7 @@ class ScTab(TorchMethod):
             "class_weights": cw,
             "augmented": bool(self.augmented_),
             "n_augmentation_vectors": self.n_augmentation_vectors_,
+            "n_parameters": self.n_parameters_,
         }
 
     def _set_state(self, state: dict[str, Any]) -> None:
@@ -305,3 +323,10 @@ class ScTab(TorchMethod):
         self.augmented_ = bool(state.get("augmented", False))
         n_vec = state.get("n_augmentation_vectors")
         self.n_augmentation_vectors_ = None if n_vec is None else int(n_vec)
+        n_par = state.get("n_parameters")
+        self.n_parameters_ = None if n_par is None else int(n_par)
+
+    def _load_weights(self, path: Path) -> None:
+        super()._load_weights(path)
+        if self.n_parameters_ is None and isinstance(self.module_, TabNet):  # older saves
+            self.n_parameters_ = self.module_.n_parameters()

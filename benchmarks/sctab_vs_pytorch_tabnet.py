@@ -1,0 +1,500 @@
+#!/usr/bin/env python
+"""scTab: this project's TabNet (``sctab``) vs pytorch-tabnet 4.1.0's ``TabNetClassifier``.
+
+Reproduce (from the repository root; about 30 minutes on 2 idle cores):
+
+    .venv/bin/pip install --no-deps -r benchmarks/requirements.txt
+    .venv/bin/python benchmarks/sctab_vs_pytorch_tabnet.py --n-cells 60000 --epochs 20 --repeats 5
+
+Writes ``benchmarks/out/sctab_vs_pytorch_tabnet.json`` (all numbers) and
+``benchmarks/results/sctab_vs_pytorch_tabnet.md`` (the table), and prints the table.
+
+What is compared (same data, same split, same epochs, CPU, same number of torch threads):
+
+- data: ``generate_census_like(n_cells, seed=0)`` + ``preprocess`` (X = log1p(CP10k), 765
+  genes, 26 imbalanced cell types); stratified split by ``assign_folds(labels, 10, seed=0)``:
+  fold 0 test, fold 1 validation, folds 2-9 training;
+- the model of scTab's table in both: TabNet with one decision step, 1.5-entmax masks, n_d 128,
+  n_a 64, n_shared 3, n_independent 5, virtual batch 256, batch-norm momentum 0.02,
+  lambda_sparse 1e-5; class-weighted cross-entropy (``n / (k * n_c)``), AdamW (lr 0.005,
+  weight decay 0.05), StepLR gamma 0.9 per epoch, gradient norm clipped at 1.0, batch 2048,
+  every cell every epoch (no dropped last batch), the epoch with the best validation macro F1
+  restored at the end (no early stopping: every fit runs all epochs); no augmentation in either
+  (pytorch-tabnet has no scTab augmentation; the vectors come from another workflow step);
+- ``ours``: ``create("sctab", epochs=E, augment=False, patience=None, device="cpu")``,
+  ``fit(train, valid)`` on the sparse AnnData, ``predict(test)``;
+- ``pytorch-tabnet``: ``TabNetClassifier(n_steps=1, mask_type="entmax", ...)`` with
+  ``optimizer_fn=AdamW``, ``scheduler_fn=StepLR``, ``clip_value=1.0``,
+  ``loss_fn=CrossEntropyLoss(weight=class weights)``, ``eval_metric=[macro F1]``,
+  ``patience=epochs + 1`` (no early stopping; the best weights restored), ``drop_last=False``,
+  ``compute_importance=False``, dense float32 numpy input (its fast path: a CSR input is
+  densified row by row by its dataset class).
+
+Time per epoch = training + the validation pass (both arms do both every epoch): ours from
+the fit history, pytorch-tabnet from a callback (epoch begin -> epoch end). The first epoch of
+every fit is left out (warm-up). Both arms run in the same process, alternating (ours first in
+even repeats, pytorch-tabnet first in odd ones), seeds 0..repeats-1; the per-epoch time of a
+fit is the median over its epochs, reported as the median over repeats; macro F1 (test) is the
+mean over repeats. The machine may be shared: the share of the CPUs other processes took
+during each fit is measured (``/proc/stat``), and a fit above ``--max-other`` is rerun (up to
+``--retries`` times, the least disturbed attempt kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+OUT_DIR = HERE / "out"
+RESULTS_DIR = HERE / "results"
+NAME = "sctab_vs_pytorch_tabnet"
+TARGET_SPEEDUP = 1.5
+LABELS = {
+    "ours": "ours (celltype_bench sctab)",
+    "pytorch_tabnet": "pytorch-tabnet 4.1.0 TabNetClassifier",
+}
+PAPER = {
+    "n_d": 128,
+    "n_a": 64,
+    "n_shared": 3,
+    "n_independent": 5,
+    "virtual_batch_size": 256,
+    "momentum": 0.02,
+    "lambda_sparse": 1e-5,
+    "lr": 0.005,
+    "weight_decay": 0.05,
+    "gamma": 0.9,
+    "grad_clip": 1.0,
+    "batch_size": 2048,
+}
+
+
+def _busy_s() -> float:
+    """CPU seconds all processes have spent busy (``/proc/stat``), or NaN off Linux."""
+    try:
+        with open("/proc/stat") as fh:
+            v = [int(t) for t in fh.readline().split()[1:]]
+    except OSError:
+        return float("nan")
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+class Meter:
+    """Wall time, this process's CPU time and the CPU share other processes took meanwhile."""
+
+    def __enter__(self) -> Meter:
+        self.wall0, self.cpu0, self.busy0 = time.perf_counter(), time.process_time(), _busy_s()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.wall0
+        self.cpu = time.process_time() - self.cpu0
+        other = _busy_s() - self.busy0 - self.cpu
+        self.other_share = max(0.0, other / (self.wall * (os.cpu_count() or 1)))
+
+
+def make_data(n_cells: int, data_seed: int) -> dict[str, Any]:
+    """census-like data, preprocessed, split 80/10/10 (stratified)."""
+    from celltype_bench.data.preprocess import preprocess
+    from celltype_bench.data.sources import generate_census_like
+    from celltype_bench.data.splits import assign_folds
+
+    adata = preprocess(generate_census_like(n_cells=n_cells, seed=data_seed))
+    folds = assign_folds(adata.obs["cell_type"].astype(str).to_numpy(), 10, seed=0)
+    parts = {
+        "train": adata[folds >= 2].copy(),
+        "valid": adata[folds == 1].copy(),
+        "test": adata[folds == 0].copy(),
+    }
+    counts = adata.obs["cell_type"].value_counts()
+    info = {
+        "n_cells": int(adata.n_obs),
+        "n_genes": int(adata.n_vars),
+        "density": float(adata.X.nnz / (adata.n_obs * adata.n_vars)),
+        "n_classes": int(len(counts)),
+        "largest_class": int(counts.max()),
+        "smallest_class": int(counts.min()),
+        **{f"n_{k}": int(v.n_obs) for k, v in parts.items()},
+    }
+    return {"parts": parts, "info": info}
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Macro F1 over the classes present in ``y_true``."""
+    from sklearn.metrics import f1_score
+
+    return float(
+        f1_score(y_true, y_pred, labels=np.unique(y_true), average="macro", zero_division=0)
+    )
+
+
+class _EpochCPU(logging.Handler):
+    """Records this process's CPU time at every "epoch i/n" line of the training log."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.marks = [time.process_time()]
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("epoch "):
+            self.marks.append(time.process_time())
+
+
+def run_ours(parts: dict[str, Any], epochs: int, seed: int) -> dict[str, Any]:
+    """Fit + predict with this project's ``sctab``."""
+    from celltype_bench.methods import create
+    from celltype_bench.training import get_logger
+
+    p = dict(PAPER)
+    est = create(
+        "sctab",
+        **p,
+        epochs=epochs,
+        patience=None,
+        augment=False,
+        seed=seed,
+        device="cpu",
+    )
+    log = get_logger()
+    handler, level = _EpochCPU(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        with Meter() as fit:
+            est.fit(parts["train"], parts["valid"])
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    t0 = time.perf_counter()
+    pred = est.predict(parts["test"])
+    predict_s = time.perf_counter() - t0
+    y = parts["test"].obs["cell_type"].astype(str).to_numpy()
+    return {
+        "epoch_s": [h["seconds"] for h in est.history_],
+        "epoch_cpu_s": list(np.diff(handler.marks)),
+        "fit_s": fit.wall,
+        "fit_cpu_s": fit.cpu,
+        "other_share": fit.other_share,
+        "predict_s": predict_s,
+        "macro_f1": macro_f1(y, np.asarray(pred, dtype=str)),
+        "accuracy": float(np.mean(y == np.asarray(pred, dtype=str))),
+        "val_f1": [h["val_macro_f1"] for h in est.history_],
+    }
+
+
+def run_pytorch_tabnet(parts: dict[str, Any], epochs: int, seed: int) -> dict[str, Any]:
+    """Fit + predict with pytorch-tabnet's TabNetClassifier, scTab's settings."""
+    import torch
+    from pytorch_tabnet.callbacks import Callback
+    from pytorch_tabnet.metrics import Metric
+    from pytorch_tabnet.tab_model import TabNetClassifier
+
+    from celltype_bench.balancing import class_weights
+
+    # our arm's seeding turns on torch's deterministic mode process-wide (and NaN-filling of
+    # fresh tensors); pytorch-tabnet runs with torch's defaults, as in its own process
+    torch.use_deterministic_algorithms(False)
+    classes = sorted(set(parts["train"].obs["cell_type"].astype(str)))
+    code = {c: i for i, c in enumerate(classes)}
+
+    def xy(a):
+        x = np.asarray(a.X.toarray(), dtype=np.float32)
+        labels = a.obs["cell_type"].astype(str).to_numpy()
+        return x, np.array([code.get(c, -1) for c in labels], dtype=np.int64), labels
+
+    x_tr, y_tr, _ = xy(parts["train"])
+    x_va, y_va, _ = xy(parts["valid"])
+    keep = y_va >= 0
+    x_va, y_va = x_va[keep], y_va[keep]
+    x_te, _, labels_te = xy(parts["test"])
+
+    class MacroF1(Metric):
+        def __init__(self) -> None:
+            self._name = "macro_f1"
+            self._maximize = True
+
+        def __call__(self, y_true, y_score):
+            return macro_f1(np.asarray(y_true), np.asarray(y_score).argmax(axis=1))
+
+    class EpochTimer(Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.epoch_s: list[float] = []
+            self.epoch_cpu_s: list[float] = []
+            self._t0 = self._c0 = 0.0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t0, self._c0 = time.perf_counter(), time.process_time()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.epoch_s.append(time.perf_counter() - self._t0)
+            self.epoch_cpu_s.append(time.process_time() - self._c0)
+
+    p = PAPER
+    weight = torch.as_tensor(class_weights(y_tr, len(classes)), dtype=torch.float32)
+    clf = TabNetClassifier(
+        n_d=p["n_d"],
+        n_a=p["n_a"],
+        n_steps=1,
+        n_shared=p["n_shared"],
+        n_independent=p["n_independent"],
+        momentum=p["momentum"],
+        lambda_sparse=p["lambda_sparse"],
+        mask_type="entmax",
+        optimizer_fn=torch.optim.AdamW,
+        optimizer_params={"lr": p["lr"], "weight_decay": p["weight_decay"]},
+        scheduler_fn=torch.optim.lr_scheduler.StepLR,
+        scheduler_params={"step_size": 1, "gamma": p["gamma"]},
+        clip_value=p["grad_clip"],
+        seed=seed,
+        verbose=0,
+        device_name="cpu",
+    )
+    timer = EpochTimer()
+    meter = Meter()
+    meter.__enter__()
+    clf.fit(
+        x_tr,
+        y_tr,
+        eval_set=[(x_va, y_va)],
+        eval_name=["valid"],
+        eval_metric=[MacroF1],
+        loss_fn=torch.nn.CrossEntropyLoss(weight=weight),
+        max_epochs=epochs,
+        patience=epochs + 1,
+        batch_size=p["batch_size"],
+        virtual_batch_size=p["virtual_batch_size"],
+        num_workers=0,
+        drop_last=False,
+        callbacks=[timer],
+        compute_importance=False,
+    )
+    meter.__exit__()
+    t0 = time.perf_counter()
+    pred_codes = clf.predict(x_te)
+    predict_s = time.perf_counter() - t0
+    pred = np.asarray(classes, dtype=object)[np.asarray(pred_codes, dtype=np.int64)]
+    return {
+        "epoch_s": timer.epoch_s,
+        "epoch_cpu_s": timer.epoch_cpu_s,
+        "fit_s": meter.wall,
+        "fit_cpu_s": meter.cpu,
+        "other_share": meter.other_share,
+        "predict_s": predict_s,
+        "macro_f1": macro_f1(labels_te, np.asarray(pred, dtype=str)),
+        "accuracy": float(np.mean(labels_te == np.asarray(pred, dtype=str))),
+        "val_f1": [float(v) for v in clf.history["valid_macro_f1"]],
+    }
+
+
+RUNNERS = {"ours": run_ours, "pytorch_tabnet": run_pytorch_tabnet}
+
+
+def per_epoch(run: dict[str, Any], key: str = "epoch_s") -> float:
+    """Median seconds (wall, or CPU with ``epoch_cpu_s``) per epoch of one fit, the first
+    (warm-up) epoch left out."""
+    times = run[key][1:] or run[key]
+    return float(statistics.median(times))
+
+
+def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Medians / means over repeats per arm, and the ratios."""
+    out: dict[str, Any] = {}
+    for arm, rs in runs.items():
+        f1 = [r["macro_f1"] for r in rs]
+        walls = [per_epoch(r) for r in rs]
+        out[arm] = {
+            "epoch_s": statistics.median(walls),
+            "epoch_s_min": min(walls),
+            "epoch_s_max": max(walls),
+            "epoch_cpu_s": statistics.median(per_epoch(r, "epoch_cpu_s") for r in rs),
+            "fit_s": statistics.median(r["fit_s"] for r in rs),
+            "predict_s": statistics.median(r["predict_s"] for r in rs),
+            "macro_f1": statistics.fmean(f1),
+            "macro_f1_sd": statistics.stdev(f1) if len(f1) > 1 else 0.0,
+            "accuracy": statistics.fmean(r["accuracy"] for r in rs),
+            "other_share": statistics.median(r["other_share"] for r in rs),
+        }
+    ours, ref = out["ours"], out["pytorch_tabnet"]
+    pairs = list(zip(runs["ours"], runs["pytorch_tabnet"], strict=True))
+    out["ratios"] = {
+        "epoch_speedup": ref["epoch_s"] / ours["epoch_s"],
+        "epoch_speedup_per_repeat": [per_epoch(b) / per_epoch(a) for a, b in pairs],
+        "epoch_cpu_speedup": ref["epoch_cpu_s"] / ours["epoch_cpu_s"],
+        "fit_speedup": ref["fit_s"] / ours["fit_s"],
+        "predict_speedup": ref["predict_s"] / ours["predict_s"],
+        "macro_f1_diff": ours["macro_f1"] - ref["macro_f1"],
+    }
+    n = min(len(runs["ours"]), len(runs["pytorch_tabnet"]))
+    se = math.sqrt((ours["macro_f1_sd"] ** 2 + ref["macro_f1_sd"] ** 2) / max(n, 1))
+    out["ratios"]["macro_f1_diff_se"] = se
+    out["f1_not_lower"] = bool(out["ratios"]["macro_f1_diff"] >= -2 * se)
+    out["target_met"] = bool(
+        out["ratios"]["epoch_speedup"] >= TARGET_SPEEDUP and out["f1_not_lower"]
+    )
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The results table."""
+    info, s, args = result["data"], result["summary"], result["args"]
+    r = s["ratios"]
+    lines = [
+        "# scTab: celltype_bench `sctab` vs pytorch-tabnet 4.1.0",
+        "",
+        f"Data: census_like, {info['n_cells']:,} cells x {info['n_genes']} genes (X density "
+        f"{info['density']:.2f}), {info['n_classes']} cell types ({info['largest_class']:,} to "
+        f"{info['smallest_class']} cells); stratified split {info['n_train']:,} train / "
+        f"{info['n_valid']:,} validation / {info['n_test']:,} test. scTab's model and training "
+        "settings in both (one decision step, 1.5-entmax, n_d 128, n_a 64, 3 shared + 5 "
+        "independent GLU layers, virtual batch 256, lambda_sparse 1e-5, class-weighted CE, "
+        "AdamW lr 0.005 wd 0.05, StepLR 0.9, clip 1.0, batch 2048), no augmentation, "
+        f"{args['epochs']} epochs, best validation macro F1 restored; CPU, "
+        f"{args['threads']} torch threads; {args['repeats']} repeats (seeds 0-"
+        f"{args['repeats'] - 1}), the two arms alternating in one process.",
+        "",
+        "| implementation | s / epoch, wall (median; min-max over repeats) | CPU s / epoch "
+        "| fit s | predict s | test macro F1 (mean +- sd) | accuracy |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for arm in ("ours", "pytorch_tabnet"):
+        a = s[arm]
+        lines.append(
+            f"| {LABELS[arm]} | {a['epoch_s']:.2f} ({a['epoch_s_min']:.2f}-{a['epoch_s_max']:.2f})"
+            f" | {a['epoch_cpu_s']:.2f} | {a['fit_s']:.1f} | {a['predict_s']:.3f} | "
+            f"{a['macro_f1']:.4f} +- {a['macro_f1_sd']:.4f} | {a['accuracy']:.4f} |"
+        )
+    per_rep = ", ".join(f"{x:.2f}x" for x in r["epoch_speedup_per_repeat"])
+    lines += [
+        "",
+        "| ratio (pytorch-tabnet / ours; F1: ours - pytorch-tabnet) | value |",
+        "|---|---:|",
+        f"| per-epoch speed-up, wall (medians) | {r['epoch_speedup']:.2f}x |",
+        f"| per-epoch speed-up, wall, per repeat | {per_rep} |",
+        f"| per-epoch speed-up, CPU time (medians) | {r['epoch_cpu_speedup']:.2f}x |",
+        f"| fit speed-up (whole fit, wall) | {r['fit_speedup']:.2f}x |",
+        f"| predict speed-up | {r['predict_speedup']:.2f}x |",
+        f"| macro F1 difference (+- standard error) | {r['macro_f1_diff']:+.4f} +- "
+        f"{r['macro_f1_diff_se']:.4f} |",
+        "",
+        "Per repeat (wall s / epoch, test macro F1, share of the machine's CPU other processes "
+        "used during the fit):",
+        "",
+        "| seed | ours | pytorch-tabnet |",
+        "|---:|---:|---:|",
+    ]
+    pairs = zip(result["runs"]["ours"], result["runs"]["pytorch_tabnet"], strict=True)
+    for i, (a, b) in enumerate(pairs):
+        lines.append(
+            f"| {i} | {per_epoch(a):.2f} s, {a['macro_f1']:.4f}, others "
+            f"{a['other_share']:.0%} | {per_epoch(b):.2f} s, {b['macro_f1']:.4f}, others "
+            f"{b['other_share']:.0%} |"
+        )
+    verdict = "met" if s["target_met"] else "NOT met"
+    lines += [
+        "",
+        f"Target (at least {TARGET_SPEEDUP}x faster per epoch on CPU, and a macro F1 not lower: "
+        "the mean difference over seeds no more than two standard errors below 0): "
+        f"**{verdict}** (speed-up {r['epoch_speedup']:.2f}x; F1 "
+        f"{'not lower' if s['f1_not_lower'] else 'lower'}).",
+        "",
+        "Notes: an epoch's seconds include the validation pass (both arms predict the "
+        f"{info['n_valid']:,} validation cells every epoch); the first epoch of every fit is "
+        "left out. pytorch-tabnet gets dense float32 numpy input (its fast path), ours the "
+        "CSR AnnData. pytorch-tabnet runs with torch's default (non-deterministic) mode, ours "
+        "with the project's deterministic mode. The machine is shared: a fit during which other "
+        f"processes took more than {args['max_other']:.0%} of the CPUs was rerun (up to "
+        f"{args['retries']} times, keeping the least disturbed attempt); the per-repeat table "
+        "shows what remained. CPU seconds count this process only (with 2 threads, spinning "
+        "while waiting for a descheduled thread counts too).",
+        "",
+        f"Machine: {result['machine']}.",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run_arm(arm: str, parts: dict[str, Any], args: argparse.Namespace, seed: int) -> dict:
+    """One fit of ``arm``, rerun while other processes took too much of the machine."""
+    best: dict[str, Any] | None = None
+    for attempt in range(args.retries + 1):
+        r = RUNNERS[arm](parts, args.epochs, seed)
+        r["attempt"] = attempt
+        if best is None or r["other_share"] < best["other_share"]:
+            best = r
+        print(
+            f"  {arm} seed {seed} attempt {attempt}: {per_epoch(r):.2f} s/epoch, "
+            f"fit {r['fit_s']:.1f} s, macro F1 {r['macro_f1']:.4f}, "
+            f"others {r['other_share']:.0%}",
+            flush=True,
+        )
+        if r["other_share"] <= args.max_other:
+            break
+    assert best is not None
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("--n-cells", type=int, default=60000)
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument("--max-other", type=float, default=0.25, help="rerun above this share")
+    ap.add_argument("--retries", type=int, default=1)
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import torch._dynamo  # noqa: F401  (torch's one-time lazy import, paid before timing)
+
+    data = make_data(args.n_cells, args.data_seed)
+    print(json.dumps(data["info"]), flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in RUNNERS}
+    for rep in range(args.repeats):
+        order = list(RUNNERS) if rep % 2 == 0 else list(reversed(RUNNERS))
+        for arm in order:
+            runs[arm].append(run_arm(arm, data["parts"], args, rep))
+    cmd = [".venv/bin/python", "benchmarks/sctab_vs_pytorch_tabnet.py"]
+    cmd += ["--n-cells", str(args.n_cells), "--epochs", str(args.epochs)]
+    cmd += ["--repeats", str(args.repeats)]
+    if args.threads != 2:
+        cmd += ["--threads", str(args.threads)]
+    result = {
+        "args": vars(args),
+        "data": data["info"],
+        "runs": runs,
+        "summary": summarise(runs),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, Python {platform.python_version()}",
+        "command": " ".join(cmd),
+    }
+    table = markdown(result)
+    print(table)
+    if not args.no_write:
+        OUT_DIR.mkdir(exist_ok=True)
+        RESULTS_DIR.mkdir(exist_ok=True)
+        (OUT_DIR / f"{NAME}.json").write_text(json.dumps(result, indent=1))
+        (RESULTS_DIR / f"{NAME}.md").write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
