@@ -23,6 +23,7 @@ rule train:
         seed=lambda w: BENCH.seed_for(w.replicate),
         # survives a killed job (not an output): the rerun resumes from the last epoch
         checkpoint_dir="results/checkpoints/{task}/{method}/{balancing}/{replicate}",
+        memory_budget_mb=config.get("memory_budget_mb"),
         on_failure=config.get("on_failure", "record"),
     wildcard_constraints:
         method=BENCH.python_method_regex,

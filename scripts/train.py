@@ -22,4 +22,5 @@ run_logged(
     augmentation=sm.input.augmentation or None,
     unlabeled_data=list(sm.input.unlabeled),
     checkpoint_dir=sm.params.checkpoint_dir,
+    memory_budget_mb=sm.params.memory_budget_mb,
 )

@@ -176,6 +176,7 @@ def train_run(
     augmentation: str | None = None,
     unlabeled_data: list[str] | None = None,
     checkpoint_dir: str | None = None,
+    memory_budget_mb: float | None = None,
 ) -> None:
     """Fit one method with one balancing strategy on one replicate; predict its test cells.
 
@@ -184,6 +185,9 @@ def train_run(
     - A method with ``uses_unlabeled`` also gets the test cells' expression without any label
       column, plus the cells of ``unlabeled_data`` (processed h5ad files, genes aligned to
       the training genes, missing ones zero-filled).
+    - ``memory_budget_mb``: when loading the processed h5ad (X + layers) would take more MiB
+      than this, methods with ``supports_ondisk`` (linear, scbalance) train and predict with X
+      read from disk (``celltype_bench.data.ondisk.open_run_data``); None: always in memory.
     - ``checkpoint_dir``: per-epoch checkpoints; a rerun after a kill resumes from them, and
       they are removed once the run's outputs are written.
     - ``out_history``: per-epoch history (loss, validation macro F1 / loss) as TSV.
@@ -199,7 +203,21 @@ def train_run(
         from .workflow_config import import_method_module
 
         import_method_module(method["module"])
-    parts = load_run_data(data, split, replicate)
+    parts = None
+    if memory_budget_mb:
+        from .data.ondisk import open_run_data
+
+        parts = open_run_data(
+            data,
+            split,
+            replicate,
+            memory_budget_mb,
+            method=method["name"],
+            strategy=bal.resolve(balancing["strategy"], method["name"]),
+        )
+    on_disk = parts is not None
+    if parts is None:
+        parts = load_run_data(data, split, replicate)
     strategy = balancing["strategy"]
     params = bal.configure(method["name"], dict(method.get("params", {})), strategy)
     if "seed" in get(method["name"]).default_params:
@@ -280,6 +298,7 @@ def train_run(
         "n_unlabeled": n_unlabeled,
         "augmented": bool(augmentation),
         "n_parameters": count_parameters(est),
+        "on_disk": on_disk,
         "history": getattr(est, "history_", None),
     }
     io.write_json(info, out_run)

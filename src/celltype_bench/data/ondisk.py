@@ -91,7 +91,9 @@ class OnDiskWriter:
     var)`` writes ``indptr``, the encoding attributes and ``obs`` / ``var`` (anndata's
     encoding; defaults: cell ids ``cell_0``... and gene ids ``gene_0``...), then renames the
     temporary file to ``path``. Used as a context manager, an exception removes the temporary
-    file and leaves ``path`` untouched.
+    file and leaves ``path`` untouched. ``compression``: none by default (fastest reads); an
+    HDF5 filter name (``'gzip'``, ``'lzf'``) for HDF5, any value selects zarr's default
+    compressor for zarr. ``chunk_elems``: elements per on-disk chunk of data / indices.
     """
 
     def __init__(
