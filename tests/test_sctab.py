@@ -484,6 +484,56 @@ def test_learns_and_roundtrips_save_load(fitted, splits, tmp_path):
     np.testing.assert_allclose(loaded.class_weights_, fitted.class_weights_)
 
 
+# ---------------------------------------------------------------------------- model size
+def _tabnet_parameters(g: int, k: int, n_d: int, n_a: int, n_shared: int, n_ind: int) -> int:
+    """TabNet's parameter count by hand (one step): shared Linears once, per transformer its
+    GLU batch norms and step-specific Linears, the attention Linear + BN, the input BN."""
+    w = n_d + n_a
+    shared = (g * 2 * w + (n_shared - 1) * w * 2 * w) if n_shared else 0
+    first_in = w if n_shared else g
+    specific = (first_in * 2 * w + (n_ind - 1) * w * 2 * w) if n_ind else 0
+    bn = (n_shared + n_ind) * 2 * (2 * w)
+    transformers = 2 * (specific + bn)  # the initial splitter and the decision step
+    attention = n_a * g + 2 * g
+    return 2 * g + shared + transformers + attention + n_d * k
+
+
+@pytest.mark.parametrize("n_shared, n_ind", [(3, 5), (0, 2), (2, 0)])
+def test_parameter_count_grows_with_the_width(n_shared, n_ind):
+    """scTab Fig. 2f: model size is set by the widths n_d / n_a (counted without fitting)."""
+    counts = []
+    for n_d in (32, 64, 128, 256):
+        n_a = n_d // 2
+        params = {"n_d": n_d, "n_a": n_a, "n_shared": n_shared, "n_independent": n_ind}
+        n = ScTab.count_parameters(19331, 164, **params)
+        assert n == _tabnet_parameters(19331, 164, n_d, n_a, n_shared, n_ind)
+        counts.append(n)
+    assert counts == sorted(counts) and len(set(counts)) == 4
+    assert counts[-1] > 6 * counts[0]  # about linear in n_d + n_a: 2.3M -> 21.0M (3, 5)
+    if (n_shared, n_ind) == (3, 5):  # the paper's defaults on the census: about 9.7 million
+        assert ScTab.count_parameters(19331, 164) == pytest.approx(9.66e6, rel=0.01)
+    with pytest.raises(InputError):
+        ScTab.count_parameters(100, 3, n_a=0)
+
+
+def test_n_parameters_after_fit_is_saved_and_grows_with_n_d(fitted, splits, tmp_path):
+    train = splits["train"]
+    g, k = train.n_vars, len(fitted.classes_)
+    module = fitted.module_
+    assert fitted.n_parameters_ == sum(p.numel() for p in module.parameters() if p.requires_grad)
+    assert fitted.n_parameters_ == ScTab.count_parameters(g, k, **FAST)
+    assert fitted._state()["n_parameters"] == fitted.n_parameters_
+    fitted.save(tmp_path / "m")
+    assert Method.load(tmp_path / "m").n_parameters_ == fitted.n_parameters_
+    wider = create("sctab", **{**FAST, "n_d": 32, "n_a": 16, "epochs": 1}).fit(train)
+    assert wider.n_parameters_ > fitted.n_parameters_
+    assert wider.module_.final.in_features == 32
+    assert wider.module_.att_transformers[0].fc.in_features == 16
+    from celltype_bench.steps import count_parameters  # what the workflow records
+
+    assert count_parameters(wider) == wider.n_parameters_
+
+
 def test_class_masks_and_top_genes(fitted, splits):
     test = splits["test"]
     masks = fitted.class_masks(test)
