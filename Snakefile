@@ -27,6 +27,7 @@ include: "rules/score.smk"
 include: "rules/figures.smk"
 include: "rules/report.smk"
 include: "rules/reproduction.smk"
+include: "rules/unlabeled.smk"
 
 
 for _method_rules in sorted(Path(workflow.basedir, "rules", "methods").glob("*.smk")):

@@ -43,6 +43,33 @@ def test_method_tasks_patterns_and_replicate_cap(cfg):
     assert {r["replicate"] for r in runs if r["task"] == "census_like"} == {"r0", "r1"}
 
 
+def test_labeled_tiers_gain_table_and_their_figure_targets(cfg):
+    bench = WorkflowConfig.from_dict(cfg)
+    assert bench.labeled_bases == ["census_like"]
+    tiers = bench.labeled_tasks("census_like")
+    assert tiers == [f"census_like-labeled-{c}" for c in (50, 100, 500, "all")]
+    assert all(bench.is_derived(t) and t not in bench.primary_tasks for t in tiers)
+    for t in tiers:  # only the pre-trained method and its control run on the tiers
+        assert set(bench.methods_for(t)) == {"scpretrain", "scpretrain_nopretrain"}
+    assert "census_like_query" in bench.gain_tasks and tiers[0] in bench.gain_tasks
+    assert "pbmc68k" not in bench.gain_tasks
+    targets = bench.all_targets()
+    assert "results/figures/census_like_labeled_cells.png" in targets
+    assert "results/tables/unlabeled_gain.html" in targets
+    figures = bench.figure_targets()
+    assert figures["scpretrain_labeled"] == ["results/figures/census_like_labeled_cells.png"]
+    assert figures["unlabeled_gain"] == ["results/tables/unlabeled_gain.html"]
+
+
+def test_unknown_supervised_control_is_named(cfg):
+    bad = copy.deepcopy(cfg)
+    bad["methods"]["scnym"]["supervised_control"] = "scnym_nope"
+    validate(bad, SCHEMA)
+    with pytest.raises(InputError, match="scnym_nope") as err:
+        WorkflowConfig.from_dict(bad)
+    assert err.value.field == "methods.scnym.supervised_control"
+
+
 def test_misspelt_key_is_named(cfg):
     bad = copy.deepcopy(cfg)
     bad["methods"]["linear"]["parms"] = {}

@@ -38,7 +38,7 @@ class SpyUnlabeled(Method):
         return e / e.sum(axis=1, keepdims=True)
 
 
-def _write_task(tmp_path, shuffle_test_labels: bool):
+def _write_task(tmp_path, shuffle_test_labels: bool, pool: bool = False):
     tmp_path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     n, g = 120, 8
@@ -56,9 +56,12 @@ def _write_task(tmp_path, shuffle_test_labels: bool):
         index=[f"c{i}" for i in range(n)],
     )
     roles = np.where(np.arange(n) % 4 == 0, "test", "train")
+    if pool:  # a labeled-cell tier: every other training cell is left out, without its label
+        roles = np.where((roles == "train") & (np.arange(n) % 4 == 1), "unlabeled", roles)
     if shuffle_test_labels:
-        t = roles == "test"
-        obs.loc[t, "cell_type"] = rng.permutation(obs.loc[t, "cell_type"].to_numpy())
+        for role in ("test", "unlabeled"):
+            t = roles == role
+            obs.loc[t, "cell_type"] = rng.permutation(obs.loc[t, "cell_type"].to_numpy())
     adata = ad.AnnData(
         sp.csr_matrix(np.log1p(X)), obs=obs, var=pd.DataFrame(index=list("abcdefgh"))
     )
@@ -69,8 +72,8 @@ def _write_task(tmp_path, shuffle_test_labels: bool):
     return str(data), str(split)
 
 
-def _run(tmp_path, shuffle):
-    data, split = _write_task(tmp_path, shuffle)
+def _run(tmp_path, shuffle, pool=False):
+    data, split = _write_task(tmp_path, shuffle, pool)
     out = tmp_path / "out"
     steps.train_run(
         data=data,
@@ -104,3 +107,28 @@ def test_supervised_method_refuses_unlabeled_cells():
     train = ad.AnnData(X, obs=pd.DataFrame({"cell_type": list("AABB")}, index=list("wxyz")))
     with pytest.raises(InputError, match="does not learn from unlabeled"):
         create("majority").fit(train, unlabeled=train)
+
+
+def test_left_out_training_cells_reach_the_method_without_labels(tmp_path):
+    """Split role ``unlabeled`` (a labeled-cell tier's left-out cells): expression only."""
+    a = _run(tmp_path / "a", shuffle=False, pool=True)
+    assert SEEN["n_unlabeled"] == 30 + 30  # the test cells + the left-out training cells
+    assert not {"cell_type", "cell_type_ontology_term_id"} & set(SEEN["obs_columns"])
+    assert len(a) == 30  # only the test cells are predicted
+    b = _run(tmp_path / "b", shuffle=True, pool=True)
+    pd.testing.assert_frame_equal(a.drop(columns="true_label"), b.drop(columns="true_label"))
+
+
+def test_unlabeled_cells_mark_the_pool_as_training_domain():
+    X = sp.csr_matrix(np.eye(3, dtype=np.float32))
+    genes = pd.Index(["g0", "g1", "g2"])
+
+    def cells(ids):
+        obs = pd.DataFrame({"cell_type": "A", "batch": "b"}, index=ids)
+        return ad.AnnData(X, obs=obs, var=pd.DataFrame(index=genes))
+
+    out = steps.unlabeled_cells(
+        cells(["t0", "t1", "t2"]), [], genes, pool=cells(["p0", "p1", "p2"])
+    )
+    assert list(out.obs["domain"]) == ["query"] * 3 + ["training"] * 3
+    assert "cell_type" not in out.obs.columns

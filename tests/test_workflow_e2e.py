@@ -37,6 +37,11 @@ TINY = {
                 "methods": ["linear"],
                 "replicates": 1,
             },
+            "labeled": {
+                "counts": [50],
+                "methods": ["scpretrain", "scpretrain_nopretrain"],
+                "replicates": 1,
+            },
         },
     },
     "methods": {
@@ -52,6 +57,14 @@ TINY = {
             "params": {"fail": True},
         },
         "toy_external": {"external": True},
+        "scpretrain": {
+            "params": {"pretrain_epochs": 1, "epochs": 2, "batch_size": 64},
+            "tasks": ["census_like-labeled-*"],
+        },
+        "scpretrain_nopretrain": {
+            "params": {"epochs": 2, "batch_size": 64},
+            "tasks": ["census_like-labeled-*"],
+        },
     },
     "balancing": {
         "default": ["native"],
@@ -264,6 +277,25 @@ def test_scaling_tiers_and_figure(workflow_run):
 
     png = workflow_run / "results/figures/census_like_scaling.png"
     assert figure_methods(png) == ["linear"]
+
+
+@pytest.mark.e2e
+def test_labeled_cell_tiers_figure_and_gain_table(workflow_run):
+    runtime = pd.read_csv(workflow_run / "results/tables/runtime.csv")
+    n = runtime.groupby("task")["n_train"].first()
+    assert n["census_like-labeled-50"] == 50
+    assert n["census_like-labeled-all"] == n["census_like"]
+    table = pd.read_csv(workflow_run / "results/tables/tasks/census_like/labeled_cells.csv")
+    assert set(table["method"]) == {"scpretrain", "scpretrain_nopretrain"}
+    assert set(table["n_labeled"]) == {50, n["census_like"]}
+    assert (workflow_run / "results/figures/census_like_labeled_cells.png").stat().st_size > 0
+    gain = pd.read_csv(workflow_run / "results/tables/unlabeled_gain.csv")
+    pairs = set(zip(gain["method"], gain["control"], strict=True))
+    assert pairs == {("scpretrain", "scpretrain_nopretrain")}
+    assert {"census_like-labeled-50", "census_like-labeled-all"} <= set(gain["task"])
+    scores = pd.read_csv(workflow_run / "results/tables/scores.csv")
+    seen = scores.drop_duplicates("method").set_index("method")["uses_unlabeled"]
+    assert bool(seen["scpretrain"]) and not bool(seen["scpretrain_nopretrain"])
 
 
 @pytest.mark.e2e

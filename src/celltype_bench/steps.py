@@ -146,7 +146,8 @@ def load_run_data(data: str, split: str, replicate: str):
             fix="rerun the split rule",
         )
     parts = {}
-    for role in ("train", "valid", "test"):
+    # 'unlabeled': training cells left out of a labeled-cell tier (data.tiers), no labels used
+    for role in ("train", "valid", "test", "unlabeled"):
         ids = table.loc[table["role"] == role, "cell_id"].astype(str).to_numpy()
         parts[role] = adata[ids].copy() if len(ids) else None
     if parts["train"] is None or parts["test"] is None:
@@ -254,14 +255,20 @@ def train_run(
         fit_kwargs["augmentation"] = load_vectors(augmentation, list(map(str, train.var_names)))
     n_unlabeled = 0
     if est.uses_unlabeled:
-        fit_kwargs["unlabeled"] = unlabeled_cells(test, unlabeled_data or [], train.var_names)
+        pool = parts.get("unlabeled")
+        fit_kwargs["unlabeled"] = unlabeled_cells(
+            test, unlabeled_data or [], train.var_names, pool=pool
+        )
         n_unlabeled = int(fit_kwargs["unlabeled"].n_obs)
+        n_pool = 0 if pool is None else int(pool.n_obs)
         log.info(
-            "%s learns from unlabeled cells: %d (the %d test cells, without labels, + %d from %s)",
+            "%s learns from unlabeled cells: %d (the %d test cells, without labels, + %d "
+            "training cells left out of a labeled-cell tier + %d from %s)",
             method["name"],
             n_unlabeled,
             test.n_obs,
-            n_unlabeled - test.n_obs,
+            n_pool,
+            n_unlabeled - test.n_obs - n_pool,
             unlabeled_data or "no extra dataset",
         )
     if checkpoint_dir:
@@ -396,8 +403,11 @@ def history_table(history: list[dict[str, Any]] | None) -> pd.DataFrame:
     return df[HISTORY_COLUMNS + extra]
 
 
-def unlabeled_cells(test, extra_paths: list[str], genes) -> Any:
+def unlabeled_cells(test, extra_paths: list[str], genes, pool=None) -> Any:
     """The cells a ``uses_unlabeled`` method may learn from: test cells + extra datasets.
+
+    ``pool``: the training cells left out of a labeled-cell tier (split role ``unlabeled``),
+    domain ``training`` (they come from the training cells' distribution).
 
     Only expression and non-label annotations are kept (``obs`` columns ``batch``,
     ``donor_id``, ``study``, ``tissue``, ``assay``) plus ``domain`` (``query`` for the test
@@ -415,6 +425,8 @@ def unlabeled_cells(test, extra_paths: list[str], genes) -> Any:
         return ad.AnnData(X=a.X, obs=obs, var=pd.DataFrame(index=a.var_names))
 
     parts = [strip(test, "query")]
+    if pool is not None:
+        parts.append(strip(pool, "training"))
     for path in extra_paths:
         extra = align_genes(io.read_h5ad(path), list(map(str, genes)), source=path)
         parts.append(strip(extra, Path(path).stem))

@@ -46,9 +46,9 @@ class WorkflowConfig:
 
     def __post_init__(self) -> None:
         self.datasets = self.raw["datasets"]
-        from .data.tiers import expand_scaling
+        from .data.tiers import expand_tiers
 
-        self.tasks = expand_scaling(self.raw["tasks"])
+        self.tasks = expand_tiers(self.raw["tasks"])
         self.methods = {k: dict(v or {}) for k, v in self.raw["methods"].items()}
 
     # ---- checks ---------------------------------------------------------------------------
@@ -77,6 +77,12 @@ class WorkflowConfig:
                 spec.get("params", {}), where=f"{self.source}: methods.{key}.params"
             )
         self._check_balancing()
+        from .unlabeled_gain import control_pairs
+
+        try:
+            control_pairs(self.method_table())
+        except InputError as exc:
+            raise InputError(exc.problem, file=self.source, field=exc.field, fix=exc.fix) from None
         for task, spec in self.tasks.items():
             if spec["dataset"] not in self.datasets:
                 raise InputError(
@@ -335,6 +341,34 @@ class WorkflowConfig:
         """Tasks with a ``scaling`` block (each gets a scaling figure)."""
         return [t for t, s in self.tasks.items() if s.get("scaling") is not None]
 
+    def labeled_tasks(self, base: str) -> list[str]:
+        """The derived labeled-cell tasks of a task with a ``labeled`` block (fewest first)."""
+        from .data.tiers import labeled_tasks
+
+        return labeled_tasks(self.tasks, base)
+
+    @property
+    def labeled_bases(self) -> list[str]:
+        """Tasks with a ``labeled`` block (each gets a labeled-cells figure)."""
+        return [t for t, s in self.tasks.items() if s.get("labeled") is not None]
+
+    def is_derived(self, task: str) -> bool:
+        """A derived tier task (scaling or labeled-cell tier), not a task of the config."""
+        spec = self.tasks[task]
+        return "scaling_of" in spec or "labeled_of" in spec
+
+    @property
+    def gain_tasks(self) -> list[str]:
+        """Tasks running a method that learns from unlabeled cells and its supervised control."""
+        from .unlabeled_gain import control_pairs
+
+        pairs = control_pairs(self.method_table())
+        return [
+            t
+            for t in self.tasks
+            if any(m in self.methods_for(t) and c in self.methods_for(t) for m, c in pairs.items())
+        ]
+
     def n_replicates(self, task: str) -> int:
         spec = self.tasks[task]
         if spec["split"]["kind"] == "stratified_kfold":
@@ -358,7 +392,7 @@ class WorkflowConfig:
         """Every (task, method, balancing, replicate) the config asks for."""
         runs = []
         for task in self.tasks:
-            derived = "scaling_of" in self.tasks[task]
+            derived = self.is_derived(task)
             for method in self.methods_for(task):
                 # tier tasks (scaling curves) run each method with its native balancing only
                 strategies = self.balancings_for(method)
@@ -384,8 +418,8 @@ class WorkflowConfig:
 
     @property
     def primary_tasks(self) -> list[str]:
-        """Tasks of the config (not the derived tiers of scaling curves)."""
-        return [t for t, s in self.tasks.items() if "scaling_of" not in s]
+        """Tasks of the config (not the derived scaling or labeled-cell tiers)."""
+        return [t for t in self.tasks if not self.is_derived(t)]
 
     @property
     def crossed_tasks(self) -> list[str]:
@@ -419,6 +453,7 @@ class WorkflowConfig:
                     "external": True,
                     "uses_unlabeled": bool(spec.get("uses_unlabeled", False)),
                     "placeholder": bool(spec.get("placeholder", False)),
+                    "supervised_control": spec.get("supervised_control"),
                 }
                 continue
             cls = get(spec.get("method", key))
@@ -428,6 +463,7 @@ class WorkflowConfig:
                 "external": False,
                 "uses_unlabeled": bool(getattr(cls, "uses_unlabeled", False)),
                 "placeholder": bool(getattr(cls, "is_placeholder", False)),
+                "supervised_control": spec.get("supervised_control"),
             }
         return out
 
@@ -442,6 +478,8 @@ class WorkflowConfig:
         "balancing_runtime": "results/figures/balancing_runtime.png",
         "scaling": "results/figures/{task}_scaling.png",
         "model_size": "results/figures/{task}_model_size.png",
+        "labeled_cells": "results/figures/{task}_labeled_cells.png",
+        "unlabeled_gain": "results/tables/unlabeled_gain.html",
         "reproduction": "results/tables/reproduction.html",
     }
 
@@ -487,6 +525,10 @@ class WorkflowConfig:
             targets.append(f"results/figures/{task}_scaling.png")
         for task in self.model_size_tasks:
             targets.append(f"results/figures/{task}_model_size.png")
+        for task in self.labeled_bases:
+            targets.append(f"results/figures/{task}_labeled_cells.png")
+        if self.gain_tasks:
+            targets.append("results/tables/unlabeled_gain.html")
         return targets
 
     @property
