@@ -325,6 +325,14 @@ def test_ensemble_is_mean_of_members(ens_fit, splits):
     assert {h["member"] for h in ens_fit.history_} == {0, 1, 2}
 
 
+def test_ensemble_parameter_count_sums_its_members(ens_fit):
+    from celltype_bench.steps import count_parameters
+
+    members = [count_parameters(m) for m in ens_fit.members_]
+    assert len(members) > 1 and all(n and n > 0 for n in members)
+    assert count_parameters(ens_fit) == sum(members)
+
+
 def test_ensemble_same_seed_identical_and_round_trip(ens_fit, splits, vectors, tmp_path):
     p = ens_fit.predict_proba(splits["test"])
     again = create("ensemble", **ENS).fit(splits["train"], splits["valid"], augmentation=vectors)

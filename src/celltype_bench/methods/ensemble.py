@@ -265,6 +265,16 @@ class Ensemble(Method):
             history += [{"member": k, **h} for h in member.history_]
         self.history_ = history
 
+    @property
+    def n_parameters_(self) -> int | None:
+        """Trainable parameters of all members together (None when a member has no module)."""
+        from ..steps import count_parameters
+
+        counts = [count_parameters(m) for m in self.members_]
+        if not counts or any(c is None for c in counts):
+            return None
+        return int(sum(c for c in counts if c is not None))
+
     def predict_members(self, test: ad.AnnData) -> np.ndarray:
         """Every member's probabilities: array (members, cells, classes_)."""
         self._require_fitted()
