@@ -277,10 +277,26 @@ def test_fit_torch_on_disk_is_deterministic(stored):
 FAST = {
     "linear": {"batch_size": 64, "lr": 0.01, "epochs": 10, "device": "cpu", "seed": 0},
     "scbalance": {"epochs": 6, "device": "cpu", "seed": 0},
+    "sctab": {
+        "epochs": 20,
+        "batch_size": 64,
+        "n_d": 16,
+        "n_a": 8,
+        "n_shared": 1,
+        "n_independent": 1,
+        "virtual_batch_size": 32,
+        "lr": 0.02,
+        "gamma": 1.0,
+        "augment": False,
+        "patience": None,
+        "device": "cpu",
+        "seed": 0,
+    },
+    "mlp": {"epochs": 15, "batch_size": 64, "augment": False, "device": "cpu", "seed": 0},
 }
 
 
-@pytest.mark.parametrize("name", ["linear", "scbalance"])
+@pytest.mark.parametrize("name", ["linear", "scbalance", "sctab", "mlp"])
 def test_torch_method_on_disk_matches_in_memory(tmp_path, name):
     adata = make_adata()
     test = make_adata(seed=1)

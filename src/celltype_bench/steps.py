@@ -187,7 +187,7 @@ def train_run(
       column, plus the cells of ``unlabeled_data`` (processed h5ad files, genes aligned to
       the training genes, missing ones zero-filled).
     - ``memory_budget_mb``: when loading the processed h5ad (X + layers) would take more MiB
-      than this, methods with ``supports_ondisk`` (linear, scbalance) train and predict with X
+      than this, methods with ``supports_ondisk`` (linear, scbalance, sctab, mlp) train and predict with X
       read from disk (``celltype_bench.data.ondisk.open_run_data``); None: always in memory.
     - ``checkpoint_dir``: per-epoch checkpoints; a rerun after a kill resumes from them, and
       they are removed once the run's outputs are written.

@@ -33,7 +33,7 @@ lose up to 0.2).
 
 Memory budget (:func:`open_training_matrix`, :func:`open_run_data`): when loading a processed
 h5ad (``X`` plus its layers) would take more than ``budget_mb``, the train step opens ``X`` on
-disk instead and methods that support it (``Method.supports_ondisk``: linear, scbalance) train
+disk instead and methods that support it (``Method.supports_ondisk``: linear, scbalance, sctab, mlp) train
 and predict from disk.
 """
 

@@ -79,6 +79,7 @@ class MLP(TorchMethod):
     """scTab's MLP baseline: 8 x 128 hidden units, class-weighted CE, scTab's augmentation."""
 
     native_balancing = "class_weight"
+    supports_ondisk = True  # fit_torch reads on-disk X block by block (augmentation per batch)
     default_params = {
         "hidden_size": 128,
         "n_hidden": 8,

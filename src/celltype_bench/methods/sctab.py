@@ -20,6 +20,13 @@ the shared training loop); never at validation or prediction. Without vectors (e
 method used outside the workflow) the fit warns once and trains without; the saved state
 records ``augmented``.
 
+Model size (scTab Fig. 2f, 1.7 to 16.2 million parameters): set by the widths ``n_d`` (decision
+output) and ``n_a`` (attention embedding); the count is about linear in ``n_d + n_a`` (the
+first shared layer, ``genes x 2(n_d + n_a)``, and the attention layer, ``n_a x genes``,
+dominate). After a fit ``n_parameters_`` holds the trainable parameters (shared weights
+counted once; saved in the state and read by the workflow's run record), and
+:meth:`ScTab.count_parameters` gives it for any widths without fitting.
+
 Interpretation: :meth:`ScTab.class_masks` (mean attention mask per class) and
 :meth:`ScTab.top_genes` (the genes each class attends to most).
 
@@ -79,6 +86,7 @@ class ScTab(TorchMethod):
     """scTab: TabNet with one decision step, entmax attention and scTab's augmentation."""
 
     native_balancing = "class_weight"
+    supports_ondisk = True  # fit_torch reads on-disk X block by block (augmentation per batch)
     default_params = {
         "n_d": 128,
         "n_a": 64,
