@@ -13,8 +13,8 @@ from sklearn.neighbors import NearestNeighbors
 
 from celltype_bench import balancing as bal
 from celltype_bench.errors import InputError
+from celltype_bench.methods import base as base_mod  # fit_torch, via the shared torch recipe
 from celltype_bench.methods import create, get
-from celltype_bench.methods import linear as linear_mod
 from celltype_bench.methods import scbalance as scbalance_mod
 
 SIZES = [500, 50, 5]
@@ -294,7 +294,7 @@ def _capture_fit_torch(monkeypatch, module):
 
 
 def test_linear_weighted_sampling_reaches_the_training_loop(monkeypatch):
-    seen = _capture_fit_torch(monkeypatch, linear_mod)
+    seen = _capture_fit_torch(monkeypatch, base_mod)
     adata = make_adata()
     create("linear", **bal.configure("linear", {}, "weighted_sampling")).fit(adata)
     assert seen["sampler"] is not None

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-import celltype_bench.methods.mlp as mlp_module
+import celltype_bench.methods.base as base_mod  # the shared torch recipe
 from celltype_bench.augmentation import compute_augmentation_vectors
 from celltype_bench.balancing import configure
 from celltype_bench.errors import InputError
@@ -133,13 +133,13 @@ def test_mlp_learns_with_class_weights(mlp_aug, splits):
 
 def test_mlp_augments_training_batches_only(splits, vectors, monkeypatch):
     calls = []
-    real = mlp_module.apply_augmentation
+    real = base_mod.apply_augmentation
 
     def spy(x, v, g):
         calls.append(x.shape[0])
         return real(x, v, g)
 
-    monkeypatch.setattr(mlp_module, "apply_augmentation", spy)
+    monkeypatch.setattr(base_mod, "apply_augmentation", spy)
     est = create("mlp", **MLP_FAST).fit(splits["train"], splits["valid"], augmentation=vectors)
     n_batches = -(-splits["train"].n_obs // MLP_FAST["batch_size"])
     assert len(calls) == MLP_FAST["epochs"] * n_batches  # every training batch, nothing else

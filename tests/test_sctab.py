@@ -13,12 +13,11 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from celltype_bench import augmentation as augmentation_module
 from celltype_bench import balancing
 from celltype_bench.augmentation import apply_augmentation
 from celltype_bench.errors import InputError
 from celltype_bench.methods import Method, create
-from celltype_bench.methods import sctab as sctab_module
+from celltype_bench.methods import base as base_mod  # the shared torch recipe
 from celltype_bench.methods.entmax import entmax15, entmax15_sparse
 from celltype_bench.methods.sctab import ScTab
 from celltype_bench.methods.tabnet import GhostBatchNorm, TabNet
@@ -396,13 +395,13 @@ def test_apply_augmentation_random_vector_random_sign_clamped():
 
 def test_augmentation_applies_in_training_only(splits, monkeypatch):
     calls = {"n": 0}
-    real = augmentation_module.apply_augmentation
+    real = base_mod.apply_augmentation
 
     def counting(x, vectors, generator):
         calls["n"] += 1
         return real(x, vectors, generator)
 
-    monkeypatch.setattr(augmentation_module, "apply_augmentation", counting)
+    monkeypatch.setattr(base_mod, "apply_augmentation", counting)
     train, valid, test = splits["train"], splits["valid"], splits["test"]
     vectors = np.random.default_rng(0).normal(0, 1.0, size=(20, train.n_vars)).astype(np.float32)
     params = {**FAST, "augment": True, "epochs": 2}
@@ -432,13 +431,13 @@ def test_augment_without_vectors_warns_and_records_it(splits, caplog):
 # ---------------------------------------------------------------------------- training
 def test_fit_torch_gets_the_papers_training_mechanisms(splits, monkeypatch):
     seen = {}
-    real = sctab_module.fit_torch
+    real = base_mod.fit_torch
 
     def spy(module, X, y, **kw):
         seen.update(kw, y=y, module=module)
         return real(module, X, y, **kw)
 
-    monkeypatch.setattr(sctab_module, "fit_torch", spy)
+    monkeypatch.setattr(base_mod, "fit_torch", spy)
     est = create("sctab", **{**FAST, "epochs": 1, "lambda_sparse": 0.5}).fit(splits["train"])
     y = seen["y"]
     n, k = len(y), len(est.classes_)

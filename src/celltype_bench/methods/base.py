@@ -25,10 +25,19 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..augmentation import apply_augmentation
+from ..balancing import class_weights, epoch_indices
 from ..errors import InputError
 from ..io import write_json
 from ..labels import empty_values
-from ..training import Checkpoint, as_csr, choose_device, get_logger, predict_proba_torch
+from ..training import (
+    Checkpoint,
+    as_csr,
+    choose_device,
+    fit_torch,
+    get_logger,
+    predict_proba_torch,
+)
 
 METHOD_JSON = "method.json"
 _LABEL_COLUMNS = ("cell_type", "cell_type_ontology_term_id", "cell_type_label")
@@ -482,6 +491,76 @@ class TorchMethod(Method):
     def device(self) -> torch.device:
         """The torch device chosen from the ``device`` parameter."""
         return choose_device(self.params.get("device", "auto"))
+
+    def _fit_adamw_steplr(
+        self,
+        module: nn.Module,
+        X: sp.csr_matrix,
+        y: np.ndarray,
+        X_valid: sp.csr_matrix | None,
+        y_valid: np.ndarray | None,
+        **extra: Any,
+    ) -> list[dict[str, Any]]:
+        """``fit_torch`` with scTab's recipe, shared by linear, MLP and scTab.
+
+        Class weights ``n / (k n_c)`` when ``class_weighted`` (else ones, kept in
+        ``class_weights_``), weighted sampling when ``weighted_sampling``, AdamW (``lr``,
+        ``weight_decay``), StepLR ``gamma`` every epoch, ``epochs``, ``batch_size``,
+        ``patience``, the method's device, seed, logger and checkpoint. ``extra`` goes to
+        ``fit_torch`` as is (``augment``, ``regularizer``, ``grad_clip``).
+        """
+        p = self.params
+        k = len(self.classes_)
+        self.class_weights_ = class_weights(y, k) if p["class_weighted"] else np.ones(k)
+        sampler = (lambda rng: epoch_indices(y, rng)) if p["weighted_sampling"] else None
+        return fit_torch(
+            module,
+            X,
+            y,
+            X_valid=X_valid,
+            y_valid=y_valid,
+            optimizer=lambda params: torch.optim.AdamW(
+                params, lr=p["lr"], weight_decay=p["weight_decay"]
+            ),
+            scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(
+                opt, step_size=1, gamma=p["gamma"]
+            ),
+            class_weights=self.class_weights_,
+            sampler=sampler,
+            epochs=p["epochs"],
+            batch_size=p["batch_size"],
+            patience=p["patience"],
+            device=self.device,
+            seed=p["seed"],
+            logger=self.logger,
+            checkpoint=self.checkpoint(X),
+            **extra,
+        )
+
+    def _augmenter(self) -> Any:
+        """scTab's augmentation as the ``augment`` callable of ``fit_torch`` (or None).
+
+        Needs the ``augment`` parameter and the vectors handed to ``fit(augmentation=...)``;
+        without vectors it warns and trains without. Sets ``augmented_`` and
+        ``n_augmentation_vectors_`` (saved with the model).
+        """
+        self.augmented_ = False
+        self.n_augmentation_vectors_ = None
+        if not self.params["augment"]:
+            return None
+        vectors = self.fit_inputs_.augmentation
+        if vectors is None:
+            self.logger.warning(
+                "%s: augment=True but no augmentation vectors were given; training without "
+                "augmentation (pass fit(..., augmentation=vectors), or set augment: false)",
+                self.name,
+            )
+            return None
+        v = torch.as_tensor(np.asarray(vectors, dtype=np.float32), device=self.device)
+        self.augmented_ = True
+        self.n_augmentation_vectors_ = int(v.shape[0])
+        self.logger.info("%s: augmenting training batches with %d vectors", self.name, v.shape[0])
+        return lambda xb, gen: apply_augmentation(xb, v, gen)
 
     def _predict_proba(self, X: sp.csr_matrix) -> np.ndarray:
         assert self.module_ is not None

@@ -15,11 +15,10 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 from torch import nn
 
-from ..balancing import class_weights, epoch_indices
-from ..training import fit_torch, seed_everything
+from ..balancing import class_weights
+from ..training import seed_everything
 from .base import TorchMethod
 from .registry import register
 
@@ -63,34 +62,9 @@ class Linear(TorchMethod):
         X_valid: sp.csr_matrix | None,
         y_valid: np.ndarray | None,
     ) -> None:
-        p = self.params
-        seed_everything(p["seed"])
+        seed_everything(self.params["seed"])
         module = self._build_module(X.shape[1], len(self.classes_))
-        k = len(self.classes_)
-        self.class_weights_ = balanced_class_weights(y, k) if p["class_weighted"] else np.ones(k)
-        sampler = (lambda rng: epoch_indices(y, rng)) if p["weighted_sampling"] else None
-        self.history_ = fit_torch(
-            module,
-            X,
-            y,
-            X_valid=X_valid,
-            y_valid=y_valid,
-            optimizer=lambda params: torch.optim.AdamW(
-                params, lr=p["lr"], weight_decay=p["weight_decay"]
-            ),
-            scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(
-                opt, step_size=1, gamma=p["gamma"]
-            ),
-            class_weights=self.class_weights_,
-            sampler=sampler,
-            epochs=p["epochs"],
-            batch_size=p["batch_size"],
-            patience=p["patience"],
-            device=self.device,
-            seed=p["seed"],
-            logger=self.logger,
-            checkpoint=self.checkpoint(X),
-        )
+        self.history_ = self._fit_adamw_steplr(module, X, y, X_valid, y_valid)
         self.module_ = module
 
     def _state(self) -> dict[str, Any]:

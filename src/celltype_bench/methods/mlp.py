@@ -25,7 +25,6 @@ the paper's) and ``weighted_sampling`` (default False).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -33,10 +32,8 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from ..augmentation import apply_augmentation
-from ..balancing import class_weights, epoch_indices
 from ..errors import InputError
-from ..training import fit_torch, seed_everything
+from ..training import seed_everything
 from .base import TorchMethod
 from .registry import register
 
@@ -132,25 +129,6 @@ class MLP(TorchMethod):
             activation=p["activation"],
         )
 
-    def _augmenter(self) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None:
-        """The ``augment`` callable for ``fit_torch`` (None when not augmenting)."""
-        self.augmented_ = False
-        self.n_augmentation_vectors_ = None
-        if not self.params["augment"]:
-            return None
-        vectors = self.fit_inputs_.augmentation
-        if vectors is None:
-            self.logger.warning(
-                "mlp: augment=True but no augmentation vectors were given; training without "
-                "augmentation (pass fit(..., augmentation=vectors), or set augment: false)"
-            )
-            return None
-        v = torch.as_tensor(np.asarray(vectors, dtype=np.float32), device=self.device)
-        self.augmented_ = True
-        self.n_augmentation_vectors_ = int(v.shape[0])
-        self.logger.info("mlp: augmenting training batches with %d vectors", v.shape[0])
-        return lambda xb, gen: apply_augmentation(xb, v, gen)
-
     def _fit(
         self,
         X: sp.csr_matrix,
@@ -160,33 +138,9 @@ class MLP(TorchMethod):
     ) -> None:
         p = self.params
         seed_everything(p["seed"])
-        k = len(self.classes_)
-        module = self._build_module(X.shape[1], k)
-        self.class_weights_ = class_weights(y, k) if p["class_weighted"] else np.ones(k)
-        sampler = (lambda rng: epoch_indices(y, rng)) if p["weighted_sampling"] else None
-        self.history_ = fit_torch(
-            module,
-            X,
-            y,
-            X_valid=X_valid,
-            y_valid=y_valid,
-            optimizer=lambda params: torch.optim.AdamW(
-                params, lr=p["lr"], weight_decay=p["weight_decay"]
-            ),
-            scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(
-                opt, step_size=1, gamma=p["gamma"]
-            ),
-            class_weights=self.class_weights_,
-            sampler=sampler,
-            epochs=p["epochs"],
-            batch_size=p["batch_size"],
-            grad_clip=p["grad_clip"],
-            patience=p["patience"],
-            device=self.device,
-            seed=p["seed"],
-            logger=self.logger,
-            augment=self._augmenter(),
-            checkpoint=self.checkpoint(X),
+        module = self._build_module(X.shape[1], len(self.classes_))
+        self.history_ = self._fit_adamw_steplr(
+            module, X, y, X_valid, y_valid, grad_clip=p["grad_clip"], augment=self._augmenter()
         )
         self.module_ = module
 

@@ -48,12 +48,10 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from ..balancing import class_weights, epoch_indices
 from ..errors import InputError
 from ..training import (
     PREDICT_BYTES,
     as_csr,
-    fit_torch,
     iterate_minibatches,
     seed_everything,
 )
@@ -165,27 +163,6 @@ class ScTab(TorchMethod):
             relaxation=p["relaxation"],
         )
 
-    def _augmenter(self) -> Any:
-        """The ``augment`` callable for ``fit_torch`` (None when not augmenting)."""
-        self.augmented_ = False
-        self.n_augmentation_vectors_ = None
-        if not self.params["augment"]:
-            return None
-        vectors = self.fit_inputs_.augmentation
-        if vectors is None:
-            self.logger.warning(
-                "sctab: augment=True but no augmentation vectors were given; training without "
-                "augmentation (pass fit(..., augmentation=vectors), or set augment: false)"
-            )
-            return None
-        from ..augmentation import apply_augmentation
-
-        v = torch.as_tensor(np.asarray(vectors, dtype=np.float32), device=self.device)
-        self.augmented_ = True
-        self.n_augmentation_vectors_ = int(v.shape[0])
-        self.logger.info("sctab: augmenting with %d vectors", v.shape[0])
-        return lambda xb, gen: apply_augmentation(xb, v, gen)
-
     def _fit(
         self,
         X: sp.csr_matrix,
@@ -195,10 +172,7 @@ class ScTab(TorchMethod):
     ) -> None:
         p = self.params
         seed_everything(p["seed"])
-        k = len(self.classes_)
-        module = self._build_module(X.shape[1], k)
-        self.class_weights_ = class_weights(y, k) if p["class_weighted"] else np.ones(k)
-        sampler = (lambda rng: epoch_indices(y, rng)) if p["weighted_sampling"] else None
+        module = self._build_module(X.shape[1], len(self.classes_))
         lam = float(p["lambda_sparse"])
         regularizer = (lambda: lam * module.last_sparsity_loss) if lam > 0 else None
         self.n_parameters_ = module.n_parameters()
@@ -206,45 +180,17 @@ class ScTab(TorchMethod):
             "sctab: n_d %d, n_a %d: %d trainable parameters", p["n_d"], p["n_a"], self.n_parameters_
         )
         with _no_uninitialized_fill():
-            self.history_ = self._fit_torch(module, X, y, X_valid, y_valid, sampler, regularizer)
+            self.history_ = self._fit_adamw_steplr(
+                module,
+                X,
+                y,
+                X_valid,
+                y_valid,
+                augment=self._augmenter(),
+                regularizer=regularizer,
+                grad_clip=p["grad_clip"] or None,
+            )
         self.module_ = module
-
-    def _fit_torch(  # the shared loop with scTab's optimiser, schedule and regulariser
-        self,
-        module: nn.Module,
-        X: sp.csr_matrix,
-        y: np.ndarray,
-        X_valid: sp.csr_matrix | None,
-        y_valid: np.ndarray | None,
-        sampler: Any,
-        regularizer: Any,
-    ) -> list[dict[str, Any]]:
-        p = self.params
-        return fit_torch(
-            module,
-            X,
-            y,
-            X_valid=X_valid,
-            y_valid=y_valid,
-            optimizer=lambda params: torch.optim.AdamW(
-                params, lr=p["lr"], weight_decay=p["weight_decay"]
-            ),
-            scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(
-                opt, step_size=1, gamma=p["gamma"]
-            ),
-            class_weights=self.class_weights_,
-            sampler=sampler,
-            augment=self._augmenter(),
-            regularizer=regularizer,
-            grad_clip=p["grad_clip"] or None,
-            epochs=p["epochs"],
-            batch_size=p["batch_size"],
-            patience=p["patience"],
-            device=self.device,
-            seed=p["seed"],
-            logger=self.logger,
-            checkpoint=self.checkpoint(X),
-        )
 
     def _predict_proba(self, X: sp.csr_matrix) -> np.ndarray:
         with _no_uninitialized_fill():
