@@ -172,9 +172,10 @@ def test_ghost_batch_norm_normalises_each_virtual_batch_separately():
     assert plain[:256].mean() < -0.9 and plain[256:].mean() > 0.9
 
 
-@pytest.mark.parametrize("n", [512, 600, 513, 200])
+@pytest.mark.parametrize("n", [512, 600, 513, 200, 300, 1472])
 def test_ghost_batch_norm_equals_a_loop_over_chunks(n):
-    """Outputs, gradients and running statistics equal TabNet's loop over ``torch.chunk``."""
+    """Outputs, gradients and running statistics equal TabNet's loop over ``torch.chunk``
+    into ``ceil(n / virtual_batch_size)`` chunks (300 cells: 2 chunks of 150, not one)."""
     torch.manual_seed(n)
     x = torch.randn(n, 5) * 3 + 1
     g = torch.randn(n, 5)
@@ -186,7 +187,7 @@ def test_ghost_batch_norm_equals_a_loop_over_chunks(n):
     ref.load_state_dict(gbn.state_dict())
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya = gbn(xa)
-    chunks = max(n // 256, 1)
+    chunks = int(np.ceil(n / 256))  # pytorch-tabnet's GBN
     yb = torch.cat([ref(c) for c in xb.chunk(chunks, 0)])
     torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
     ya.backward(g)

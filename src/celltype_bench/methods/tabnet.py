@@ -23,7 +23,7 @@ Sparsity regulariser (TabNet's): the mean over cells of the mask entropy
 ``sum_j -M_j log(M_j + eps)``, averaged over steps, stored after every forward pass in
 ``last_sparsity_loss`` so a training loop can add ``lambda_sparse * last_sparsity_loss``.
 
-Ghost batch normalisation: in training, the batch is split into ``max(n // vbs, 1)``
+Ghost batch normalisation: in training, the batch is split into ``ceil(n / vbs)``
 consecutive virtual batches (``torch.chunk``, as TabNet) and each is normalised with its own
 mean and variance; the running statistics are updated once per virtual batch, exactly as a loop
 over the chunks would. In evaluation the running statistics of the whole data are used.
@@ -120,8 +120,8 @@ def masked_linear(values: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
 class GhostBatchNorm(nn.BatchNorm1d):
     """Ghost batch normalisation (Hoffer et al. 2017): per-virtual-batch statistics.
 
-    Training: the batch is split into ``max(n // virtual_batch_size, 1)`` chunks
-    (``torch.chunk``) normalised separately; the running statistics are updated chunk after
+    Training: the batch is split into ``ceil(n / virtual_batch_size)`` chunks
+    (``torch.chunk``, as pytorch-tabnet's and scTab's ``GBN``) normalised separately; the running statistics are updated chunk after
     chunk (momentum ``momentum`` each). Evaluation: the running statistics. ``forward(x,
     interleaved=k)`` takes a batch already in :func:`ghost_layout` with ``k`` chunks.
     """
@@ -140,7 +140,7 @@ class GhostBatchNorm(nn.BatchNorm1d):
 
     def n_chunks(self, n: int) -> int:
         """Number of virtual batches of a batch of ``n`` cells."""
-        return max(n // self.virtual_batch_size, 1)
+        return max(-(-n // self.virtual_batch_size), 1)
 
     def forward(self, x: Tensor, interleaved: int = 0) -> Tensor:  # type: ignore[override]
         """Normalise ``x`` (cells x features); ``interleaved=k``: rows in ghost layout."""
@@ -420,7 +420,7 @@ class TabNet(nn.Module):
         """Virtual batches to interleave for a training batch of ``n`` (0: no reordering)."""
         if not self.training:
             return 0
-        k = max(n // self.virtual_batch_size, 1)
+        k = max(-(-n // self.virtual_batch_size), 1)  # GhostBatchNorm.n_chunks
         return k if k > 1 and n % k == 0 else 0
 
     def _input_affine(self, x: Tensor) -> tuple[Tensor, Tensor]:
