@@ -38,6 +38,15 @@ fit is the median over its epochs, reported as the median over repeats; macro F1
 mean over repeats. The machine may be shared: the share of the CPUs other processes took
 during each fit is measured (``/proc/stat``), and a fit above ``--max-other`` is rerun (up to
 ``--retries`` times, the least disturbed attempt kept).
+
+Before the timed fits, :func:`equivalence_check` copies our network's weights into
+pytorch-tabnet's (scTab's sizes, float64) and reports how far logits, mask entropy, gradients
+and running statistics differ (about 1e-12: the same function). Training is chaotic: from the
+same weights and batches (float32), pytorch-tabnet with its weights perturbed by 1e-7 differs
+from itself in the batch loss by 1e-3 after 5 steps, and the two implementations (rounded in
+another order) by 1e-4 after one step and 0.07 after 5; two runs that differ only in rounding
+end as different models, so the F1 comparison is statistical, over seeds. ``--from-json``
+re-renders the table from a saved result.
 """
 
 from __future__ import annotations
@@ -302,6 +311,122 @@ def run_pytorch_tabnet(parts: dict[str, Any], epochs: int, seed: int) -> dict[st
 RUNNERS = {"ours": run_ours, "pytorch_tabnet": run_pytorch_tabnet}
 
 
+def _ref_key(key: str) -> str:
+    """pytorch-tabnet's state-dict key of one of our TabNet's keys."""
+    if key.startswith("final."):
+        return "tabnet.final_mapping." + key[len("final.") :]
+    out = key.replace(".layers.", ".glu_layers.").replace(".specific.", ".specifics.")
+    if not key.startswith("initial_bn."):
+        out = out.replace(".bn.", ".bn.bn.")
+    return "tabnet.encoder." + out
+
+
+def equivalence_check(parts: dict[str, Any], seed: int = 0) -> dict[str, float]:
+    """Same weights in both networks (scTab's sizes), float64: largest relative differences.
+
+    Our TabNet is built, its weights copied into pytorch-tabnet's network, both in float64.
+    Two training batches of real cells (2,048 = 8 equal virtual batches, then 1,472 = 5 of 246
+    + 1 of 242, as ``torch.chunk`` splits an epoch's tail), then evaluation mode on the
+    validation cells;
+    once with the masks of a fresh network (dense: the masked input enters as a dense
+    product) and once with the attention batch-norm gain raised to 6 (sparse masks: our
+    sparse masked-input path). Reported: logits (training and evaluation mode), mask entropy,
+    every parameter's gradient and every running statistic, each as max |ours - theirs| /
+    max |theirs|. pytorch-tabnet's residual scale sqrt(0.5) is a float32 constant (alone a
+    difference of about 1e-7 in the logits and 1e-5 in some gradients, float64); the check
+    gives ours the same constant, so what remains is float64 rounding.
+    """
+    import torch
+
+    from celltype_bench.methods import tabnet
+
+    n = 3520
+    labels = parts["train"].obs["cell_type"].astype(str).to_numpy()
+    code = {c: i for i, c in enumerate(sorted(set(labels)))}
+    data = {
+        "x": torch.from_numpy(parts["train"].X[:n].toarray().astype(np.float64)),
+        "y": torch.as_tensor([code[c] for c in labels[:n]]),
+        "x_val": torch.from_numpy(parts["valid"].X.toarray().astype(np.float64)),
+        "n_classes": len(code),
+    }
+    worst: dict[str, float] = {}
+    was, sqrt_half = torch.are_deterministic_algorithms_enabled(), tabnet.SQRT_HALF
+    tabnet.SQRT_HALF = float(torch.sqrt(torch.tensor([0.5])))  # pytorch-tabnet's float32 value
+    try:
+        for gain in (None, 6.0):
+            for key, value in _equivalence_pass(data, gain, seed).items():
+                worst[key] = max(worst.get(key, 0.0), value)
+    finally:
+        tabnet.SQRT_HALF = sqrt_half
+        torch.use_deterministic_algorithms(was)
+    return worst
+
+
+def _equivalence_pass(data: dict[str, Any], gain: float | None, seed: int) -> dict[str, float]:
+    """One network pair of :func:`equivalence_check` (``gain``: attention BN weight)."""
+    import torch
+    import torch.nn.functional as F
+    from pytorch_tabnet import tab_network
+
+    from celltype_bench.methods.tabnet import TabNet
+
+    x, y, x_val = data["x"], data["y"], data["x_val"]
+    g, k, p = x.shape[1], data["n_classes"], PAPER
+    widths = {"n_d": p["n_d"], "n_a": p["n_a"], "n_shared": p["n_shared"]}
+    widths.update(n_independent=p["n_independent"], n_steps=1)
+    ghost = {"virtual_batch_size": p["virtual_batch_size"], "momentum": p["momentum"]}
+    torch.manual_seed(seed)
+    ours = TabNet(g, k, **widths, **ghost)
+    ref = tab_network.TabNet(
+        g, k, **widths, **ghost, mask_type="entmax", group_attention_matrix=torch.eye(g)
+    )
+    if gain is not None:
+        with torch.no_grad():
+            ours.att_transformers[0].bn.weight.fill_(gain)
+    mine = ours.state_dict()
+    state = {_ref_key(key): v for key, v in mine.items() if "k_hint" not in key}
+    for key, v in ref.state_dict().items():
+        if ".shared.shared_layers." in key:  # pytorch-tabnet lists the shared Linears twice
+            i = key.split(".shared.shared_layers.")[1].split(".")[0]
+            state[key] = mine[f"initial_splitter.shared.layers.{i}.fc.weight"]
+        elif key not in state:
+            state[key] = v
+    ref.load_state_dict(state)
+    ours.double()
+    ref.double()
+    ref.tabnet.encoder.group_attention_matrix = torch.eye(g, dtype=torch.float64)
+    theirs = dict(ref.named_parameters(remove_duplicate=False))
+    out: dict[str, float] = {}
+
+    def note(key: str, a: Any, b: Any) -> None:
+        a, b = a.detach(), b.detach()
+        value = float((a - b).abs().max() / b.abs().max().clamp(min=1e-300))
+        out[key] = max(out.get(key, 0.0), value)
+
+    for lo, hi in ((0, 2048), (2048, 3520)):  # 8 equal virtual batches; 6 unequal (1,472)
+        ours.train()
+        ref.train()
+        ours.zero_grad()
+        ref.zero_grad()
+        a = ours(x[lo:hi])
+        b, m_loss = ref(x[lo:hi])
+        note("logits, training", a, b)
+        note("mask entropy", ours.last_sparsity_loss, -m_loss)
+        (F.cross_entropy(a, y[lo:hi]) + ours.last_sparsity_loss).backward()
+        (F.cross_entropy(b, y[lo:hi]) - m_loss).backward()
+        for name, param in ours.named_parameters():
+            note("gradients", param.grad, theirs[_ref_key(name)].grad)
+    ref_buffers = ref.state_dict()
+    for key, v in ours.state_dict().items():
+        if "running" in key:
+            note("running statistics", v, ref_buffers[_ref_key(key)])
+    ours.eval()
+    ref.eval()
+    with torch.no_grad():
+        note("logits, evaluation", ours(x_val), ref(x_val)[0])
+    return out
+
+
 def per_epoch(run: dict[str, Any], key: str = "epoch_s") -> float:
     """Median seconds (wall, or CPU with ``epoch_cpu_s``) per epoch of one fit, the first
     (warm-up) epoch left out."""
@@ -325,6 +450,10 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "macro_f1": statistics.fmean(f1),
             "macro_f1_sd": statistics.stdev(f1) if len(f1) > 1 else 0.0,
             "accuracy": statistics.fmean(r["accuracy"] for r in rs),
+            "val_f1_best": statistics.fmean(max(r["val_f1"]) for r in rs),
+            "val_f1_best_sd": (
+                statistics.stdev(max(r["val_f1"]) for r in rs) if len(rs) > 1 else 0.0
+            ),
             "other_share": statistics.median(r["other_share"] for r in rs),
         }
     ours, ref = out["ours"], out["pytorch_tabnet"]
@@ -340,7 +469,14 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     n = min(len(runs["ours"]), len(runs["pytorch_tabnet"]))
     se = math.sqrt((ours["macro_f1_sd"] ** 2 + ref["macro_f1_sd"] ** 2) / max(n, 1))
     out["ratios"]["macro_f1_diff_se"] = se
-    out["f1_not_lower"] = bool(out["ratios"]["macro_f1_diff"] >= -2 * se)
+    lower = sum(a["macro_f1"] < b["macro_f1"] for a, b in pairs)
+    out["ratios"]["seeds_lower"] = lower
+    # two-sided sign test over the paired seeds (ties count against neither side)
+    n_pairs = sum(a["macro_f1"] != b["macro_f1"] for a, b in pairs)
+    k = min(lower, n_pairs - lower)
+    p_sign = min(1.0, 2 * sum(math.comb(n_pairs, i) for i in range(k + 1)) / 2**n_pairs)
+    out["ratios"]["sign_test_p"] = p_sign if n_pairs else 1.0
+    out["f1_not_lower"] = bool(out["ratios"]["macro_f1_diff"] >= 0)
     out["target_met"] = bool(
         out["ratios"]["epoch_speedup"] >= TARGET_SPEEDUP and out["f1_not_lower"]
     )
@@ -366,15 +502,17 @@ def markdown(result: dict[str, Any]) -> str:
         f"{args['repeats'] - 1}), the two arms alternating in one process.",
         "",
         "| implementation | s / epoch, wall (median; min-max over repeats) | CPU s / epoch "
-        "| fit s | predict s | test macro F1 (mean +- sd) | accuracy |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| fit s | predict s | test macro F1 (mean +- sd) | accuracy "
+        "| best validation macro F1 (mean +- sd) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for arm in ("ours", "pytorch_tabnet"):
         a = s[arm]
         lines.append(
             f"| {LABELS[arm]} | {a['epoch_s']:.2f} ({a['epoch_s_min']:.2f}-{a['epoch_s_max']:.2f})"
             f" | {a['epoch_cpu_s']:.2f} | {a['fit_s']:.1f} | {a['predict_s']:.3f} | "
-            f"{a['macro_f1']:.4f} +- {a['macro_f1_sd']:.4f} | {a['accuracy']:.4f} |"
+            f"{a['macro_f1']:.4f} +- {a['macro_f1_sd']:.4f} | {a['accuracy']:.4f} | "
+            f"{a['val_f1_best']:.4f} +- {a['val_f1_best_sd']:.4f} |"
         )
     per_rep = ", ".join(f"{x:.2f}x" for x in r["epoch_speedup_per_repeat"])
     lines += [
@@ -405,11 +543,18 @@ def markdown(result: dict[str, Any]) -> str:
     verdict = "met" if s["target_met"] else "NOT met"
     lines += [
         "",
-        f"Target (at least {TARGET_SPEEDUP}x faster per epoch on CPU, and a macro F1 not lower: "
-        "the mean difference over seeds no more than two standard errors below 0): "
-        f"**{verdict}** (speed-up {r['epoch_speedup']:.2f}x; F1 "
-        f"{'not lower' if s['f1_not_lower'] else 'lower'}).",
+        f"Target (at least {TARGET_SPEEDUP}x faster per epoch on CPU, and a mean macro F1 over "
+        f"the seeds not lower): **{verdict}** (speed-up {r['epoch_speedup']:.2f}x; F1 "
+        f"{'not lower' if s['f1_not_lower'] else 'lower'}: ours lower in "
+        f"{r.get('seeds_lower', '?')} of {len(result['runs']['ours'])} seeds, two-sided sign "
+        f"test p = {r.get('sign_test_p', float('nan')):.3f}). With "
+        f"{len(result['runs']['ours'])} repeats the standard error of the "
+        f"difference is {r['macro_f1_diff_se']:.4f}, so differences smaller than about "
+        f"{2 * r['macro_f1_diff_se']:.3f} are not resolved (the smallest classes have about "
+        f"{max(1, round(info['smallest_class'] * info['n_test'] / info['n_cells']))} test "
+        "cells; each run's score also depends on its chaotic training trajectory).",
         "",
+        *_equivalence_lines(result.get("equivalence")),
         "Notes: an epoch's seconds include the validation pass (both arms predict the "
         f"{info['n_valid']:,} validation cells every epoch); the first epoch of every fit is "
         "left out. pytorch-tabnet gets dense float32 numpy input (its fast path), ours the "
@@ -426,6 +571,22 @@ def markdown(result: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _equivalence_lines(same: dict[str, float] | None) -> list[str]:
+    """The markdown paragraph of :func:`equivalence_check`'s result."""
+    if not same:
+        return []
+    diffs = ", ".join(f"{k} {v:.1e}" for k, v in same.items())
+    return [
+        "Same function: with identical weights (scTab's sizes, these genes and classes, "
+        "float64), one batch of 8 equal and one of 6 unequal virtual batches, fresh (dense "
+        "masks) and with sparse masks, the two networks agree to a max relative difference of: "
+        f"{diffs} (see `equivalence_check`). Differences between the arms' scores therefore "
+        "come from the training trajectory (initial weights, batch order, floating-point "
+        "rounding), not from the model.",
+        "",
+    ]
 
 
 def run_arm(arm: str, parts: dict[str, Any], args: argparse.Namespace, seed: int) -> dict:
@@ -458,7 +619,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-other", type=float, default=0.25, help="rerun above this share")
     ap.add_argument("--retries", type=int, default=1)
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument(
+        "--from-json",
+        metavar="PATH",
+        help="only re-render the table from a saved result (e.g. benchmarks/out/NAME.json)",
+    )
     args = ap.parse_args(argv)
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        result["summary"] = summarise(result["runs"])  # columns added since it was saved
+        table = markdown(result)
+        print(table)
+        if not args.no_write:
+            (RESULTS_DIR / f"{NAME}.md").write_text(table)
+        return 0
 
     import torch
 
@@ -467,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
 
     data = make_data(args.n_cells, args.data_seed)
     print(json.dumps(data["info"]), flush=True)
+    same = equivalence_check(data["parts"])
+    print("same weights, float64, max relative difference:", json.dumps(same), flush=True)
     runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in RUNNERS}
     for rep in range(args.repeats):
         order = list(RUNNERS) if rep % 2 == 0 else list(reversed(RUNNERS))
@@ -482,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": data["info"],
         "runs": runs,
         "summary": summarise(runs),
+        "equivalence": same,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}, Python {platform.python_version()}",
         "command": " ".join(cmd),
