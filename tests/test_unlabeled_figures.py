@@ -1,5 +1,7 @@
 """Labeled-cell tiers, the gain table (method vs its supervised control) and the figure."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -198,6 +200,29 @@ def test_control_pairs_resolve_to_config_keys():
     assert control_pairs(methods) == {"fast_scnym": "plain", "tool": "plain"}
     with pytest.raises(InputError, match="unknown supervised control"):
         control_pairs({"tool": {"external": True, "supervised_control": "nope"}})
+
+
+def test_control_pairs_use_the_table_for_methods_from_user_modules():
+    """A method from a config ``module:`` is not registered in a rule's script process: the
+    method table carries its class's control, so no registry lookup happens."""
+    methods = {
+        "my_semi": {"method": "my_semi", "external": False, "class_control": "my_plain"},
+        "my_plain": {"method": "my_plain", "external": False, "class_control": None},
+        "toy": {"method": "toy_not_registered", "external": False, "class_control": None},
+    }
+    assert control_pairs(methods) == {"my_semi": "my_plain"}
+
+
+def test_method_table_carries_the_class_control():
+    import yaml
+
+    from celltype_bench.workflow_config import WorkflowConfig
+
+    root = Path(__file__).resolve().parents[1]
+    table = WorkflowConfig.from_dict(yaml.safe_load((root / "config.yaml").read_text()))
+    table = table.method_table()
+    assert table["scpretrain"]["class_control"] == "scpretrain_nopretrain"
+    assert table["linear"]["class_control"] is None
 
 
 def _score_rows(task, method, values, balancing="none", **extra):

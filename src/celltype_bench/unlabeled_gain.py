@@ -63,8 +63,9 @@ def control_of_class(name: str) -> str | None:
 def control_pairs(methods: dict[str, dict[str, Any]]) -> dict[str, str]:
     """Method key -> the key of its supervised control, among the configured methods.
 
-    ``methods``: per config key, ``method`` (registry name) and ``external`` (as
-    ``WorkflowConfig.method_table()`` gives them). An entry's own ``supervised_control`` (a
+    ``methods``: per config key, ``method`` (registry name), ``external`` and
+    ``class_control`` (the class's ``supervised_control``), as
+    ``WorkflowConfig.method_table()`` gives them. An entry's own ``supervised_control`` (a
     config key) wins, which is how an external method or a second configuration of a method
     names its control. Otherwise the class attribute names a registry method; the key of that
     name is taken if configured, else the first key (config order) running that registry
@@ -84,7 +85,12 @@ def control_pairs(methods: dict[str, dict[str, Any]]) -> dict[str, str]:
             continue
         if spec.get("external"):
             continue
-        control = control_of_class(spec.get("method", key))
+        # the method table carries the class attribute (resolved where the config was loaded,
+        # with the user's method modules imported); look it up only when it is absent
+        if "class_control" in spec:
+            control = spec["class_control"]
+        else:
+            control = control_of_class(spec.get("method", key))
         if control is None:
             continue
         candidates = [

@@ -464,6 +464,7 @@ class WorkflowConfig:
                 "uses_unlabeled": bool(getattr(cls, "uses_unlabeled", False)),
                 "placeholder": bool(getattr(cls, "is_placeholder", False)),
                 "supervised_control": spec.get("supervised_control"),
+                "class_control": getattr(cls, "supervised_control", None),
             }
         return out
 
