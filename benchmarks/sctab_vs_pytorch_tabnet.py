@@ -312,13 +312,9 @@ RUNNERS = {"ours": run_ours, "pytorch_tabnet": run_pytorch_tabnet}
 
 
 def _ref_key(key: str) -> str:
-    """pytorch-tabnet's state-dict key of one of our TabNet's keys."""
-    if key.startswith("final."):
-        return "tabnet.final_mapping." + key[len("final.") :]
-    out = key.replace(".layers.", ".glu_layers.").replace(".specific.", ".specifics.")
-    if not key.startswith("initial_bn."):
-        out = out.replace(".bn.", ".bn.bn.")
-    return "tabnet.encoder." + out
+    from celltype_bench.methods.tabnet import pytorch_tabnet_key
+
+    return pytorch_tabnet_key(key)
 
 
 def equivalence_check(parts: dict[str, Any], seed: int = 0) -> dict[str, float]:

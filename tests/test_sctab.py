@@ -241,12 +241,9 @@ def test_glu_blocks_residual_scaling_and_shared_layers():
 
 
 def _ref_key(key: str) -> str:
-    if key.startswith("final."):
-        return "tabnet.final_mapping." + key[len("final.") :]
-    out = key.replace(".layers.", ".glu_layers.").replace(".specific.", ".specifics.")
-    if not key.startswith("initial_bn."):
-        out = out.replace(".bn.", ".bn.bn.")
-    return "tabnet.encoder." + out
+    from celltype_bench.methods.tabnet import pytorch_tabnet_key
+
+    return pytorch_tabnet_key(key)
 
 
 @pytest.mark.parametrize("ratio", [1e9, 1.0])  # dense / sparse masked-input path

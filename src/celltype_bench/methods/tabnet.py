@@ -534,3 +534,14 @@ class TabNet(nn.Module):
         finally:
             self.train(was_training)
         return masks[0] if len(masks) == 1 else torch.stack(masks).mean(0)
+
+
+def pytorch_tabnet_key(key: str) -> str:
+    """pytorch-tabnet's ``TabNet`` state-dict key of one of our :class:`TabNet`'s keys (for
+    copying weights between the two in equivalence checks)."""
+    if key.startswith("final."):
+        return "tabnet.final_mapping." + key[len("final.") :]
+    out = key.replace(".layers.", ".glu_layers.").replace(".specific.", ".specifics.")
+    if not key.startswith("initial_bn."):
+        out = out.replace(".bn.", ".bn.bn.")
+    return "tabnet.encoder." + out
