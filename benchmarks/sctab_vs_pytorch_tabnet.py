@@ -494,8 +494,9 @@ def markdown(result: dict[str, Any]) -> str:
         "independent GLU layers, virtual batch 256, lambda_sparse 1e-5, class-weighted CE, "
         "AdamW lr 0.005 wd 0.05, StepLR 0.9, clip 1.0, batch 2048), no augmentation, "
         f"{args['epochs']} epochs, best validation macro F1 restored; CPU, "
-        f"{args['threads']} torch threads; {args['repeats']} repeats (seeds 0-"
-        f"{args['repeats'] - 1}), the two arms alternating in one process.",
+        f"{args['threads']} torch threads; {args['repeats']} repeats (seeds "
+        f"{args.get('first_seed', 0)}-{args.get('first_seed', 0) + args['repeats'] - 1}), the "
+        "two arms alternating in one process.",
         "",
         "| implementation | s / epoch, wall (median; min-max over repeats) | CPU s / epoch "
         "| fit s | predict s | test macro F1 (mean +- sd) | accuracy "
@@ -532,7 +533,7 @@ def markdown(result: dict[str, Any]) -> str:
     pairs = zip(result["runs"]["ours"], result["runs"]["pytorch_tabnet"], strict=True)
     for i, (a, b) in enumerate(pairs):
         lines.append(
-            f"| {i} | {per_epoch(a):.2f} s, {a['macro_f1']:.4f}, others "
+            f"| {a.get('seed', i)} | {per_epoch(a):.2f} s, {a['macro_f1']:.4f}, others "
             f"{a['other_share']:.0%} | {per_epoch(b):.2f} s, {b['macro_f1']:.4f}, others "
             f"{b['other_share']:.0%} |"
         )
@@ -605,6 +606,38 @@ def run_arm(arm: str, parts: dict[str, Any], args: argparse.Namespace, seed: int
     return best
 
 
+def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several saved ones of the same data and settings (other seeds).
+
+    Runs are ordered by seed (results saved before runs recorded their seed count from
+    ``first_seed``, default 0); a seed present twice is an error, as are different data or
+    epochs. The summary and the command are recomputed.
+    """
+    merged = dict(results[0])
+    runs: dict[str, dict[int, dict[str, Any]]] = {arm: {} for arm in merged["runs"]}
+    for res in results:
+        for key in ("data", "equivalence"):
+            if key == "data" and res[key] != merged[key]:
+                raise SystemExit("--from-json: the results are on different data")
+        if res["args"]["epochs"] != merged["args"]["epochs"]:
+            raise SystemExit("--from-json: the results ran different numbers of epochs")
+        first = int(res["args"].get("first_seed", 0))
+        for arm, rs in res["runs"].items():
+            for i, run in enumerate(rs):
+                seed = int(run.get("seed", first + i))
+                if seed in runs[arm]:
+                    raise SystemExit(f"--from-json: seed {seed} of {arm} appears twice")
+                runs[arm][seed] = {**run, "seed": seed}
+    merged["runs"] = {arm: [by_seed[s] for s in sorted(by_seed)] for arm, by_seed in runs.items()}
+    seeds = sorted(runs["ours"])
+    merged["args"] = {**merged["args"], "repeats": len(seeds), "first_seed": seeds[0]}
+    merged["seeds"] = seeds
+    merged["summary"] = summarise(merged["runs"])  # columns added since it was saved
+    if len(results) > 1:
+        merged["command"] = " + ".join(r["command"] for r in results) + " (merged with --from-json)"
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--n-cells", type=int, default=60000)
@@ -612,18 +645,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds first-seed .. first-seed + repeats - 1 (split seeds over processes, then "
+        "merge the saved results with --from-json A.json B.json ...)",
+    )
     ap.add_argument("--max-other", type=float, default=0.25, help="rerun above this share")
     ap.add_argument("--retries", type=int, default=1)
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument(
         "--from-json",
         metavar="PATH",
-        help="only re-render the table from a saved result (e.g. benchmarks/out/NAME.json)",
+        nargs="+",
+        help="only re-render the table from saved results (e.g. benchmarks/out/NAME.json); "
+        "several files (the same settings, other seeds) are merged",
     )
     args = ap.parse_args(argv)
     if args.from_json:
-        result = json.loads(Path(args.from_json).read_text())
-        result["summary"] = summarise(result["runs"])  # columns added since it was saved
+        result = merge_results([json.loads(Path(f).read_text()) for f in args.from_json])
         table = markdown(result)
         print(table)
         if not args.no_write:
@@ -641,14 +682,21 @@ def main(argv: list[str] | None = None) -> int:
     print("same weights, float64, max relative difference:", json.dumps(same), flush=True)
     runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in RUNNERS}
     for rep in range(args.repeats):
-        order = list(RUNNERS) if rep % 2 == 0 else list(reversed(RUNNERS))
+        seed = args.first_seed + rep
+        order = list(RUNNERS) if seed % 2 == 0 else list(reversed(RUNNERS))
         for arm in order:
-            runs[arm].append(run_arm(arm, data["parts"], args, rep))
+            run = run_arm(arm, data["parts"], args, seed)
+            run["seed"] = seed
+            runs[arm].append(run)
     cmd = [".venv/bin/python", "benchmarks/sctab_vs_pytorch_tabnet.py"]
     cmd += ["--n-cells", str(args.n_cells), "--epochs", str(args.epochs)]
     cmd += ["--repeats", str(args.repeats)]
+    if args.first_seed:
+        cmd += ["--first-seed", str(args.first_seed)]
     if args.threads != 2:
         cmd += ["--threads", str(args.threads)]
+    if args.max_other != 0.25 or args.retries != 1:
+        cmd += ["--max-other", str(args.max_other), "--retries", str(args.retries)]
     result = {
         "args": vars(args),
         "data": data["info"],
@@ -664,7 +712,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         OUT_DIR.mkdir(exist_ok=True)
         RESULTS_DIR.mkdir(exist_ok=True)
-        (OUT_DIR / f"{NAME}.json").write_text(json.dumps(result, indent=1))
+        suffix = f"_seeds{args.first_seed}-{args.first_seed + args.repeats - 1}"
+        out_name = NAME if args.first_seed == 0 else NAME + suffix
+        (OUT_DIR / f"{out_name}.json").write_text(json.dumps(result, indent=1))
         (RESULTS_DIR / f"{NAME}.md").write_text(table)
     return 0
 
