@@ -40,7 +40,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from sctab_vs_pytorch_tabnet import PAPER, macro_f1, make_data  # noqa: E402
+from sctab_vs_pytorch_tabnet import PAPER, macro_f1, make_data, network_kwargs  # noqa: E402
 
 OUT_DIR = HERE / "out"
 RESULTS = HERE / "results" / "sctab_same_loop.md"
@@ -49,10 +49,13 @@ ARMS = ("ours", "pytorch_tabnet_net")
 
 def parse_seeds(text: str) -> list[int]:
     """``"0-7"`` or ``"0,2,4"`` -> seeds."""
-    if "-" in text:
-        a, b = text.split("-")
-        return list(range(int(a), int(b) + 1))
-    return [int(s) for s in text.split(",")]
+    try:
+        if "-" in text:
+            a, b = text.split("-")
+            return list(range(int(a), int(b) + 1))
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--seeds {text!r}: give a range like 0-7 or a list like 0,2,4") from None
 
 
 def build(arm: str, n_genes: int, n_classes: int, seed: int) -> Any:
@@ -62,16 +65,11 @@ def build(arm: str, n_genes: int, n_classes: int, seed: int) -> Any:
 
     from celltype_bench.methods.tabnet import TabNet, pytorch_tabnet_key
 
-    p = PAPER
-    widths = {"n_d": p["n_d"], "n_a": p["n_a"], "n_shared": p["n_shared"]}
-    widths.update(n_independent=p["n_independent"], n_steps=1)
-    ghost = {"virtual_batch_size": p["virtual_batch_size"], "momentum": p["momentum"]}
     torch.manual_seed(seed)
     ref = tab_network.TabNet(
         n_genes,
         n_classes,
-        **widths,
-        **ghost,
+        **network_kwargs(),
         mask_type="entmax",
         group_attention_matrix=torch.eye(n_genes),
     )
@@ -91,7 +89,7 @@ def build(arm: str, n_genes: int, n_classes: int, seed: int) -> Any:
                 return out
 
         return Wrapped(ref)
-    ours = TabNet(n_genes, n_classes, **widths, **ghost)
+    ours = TabNet(n_genes, n_classes, **network_kwargs())
     theirs = ref.state_dict()
     ours.load_state_dict(
         {

@@ -358,6 +358,21 @@ def equivalence_check(parts: dict[str, Any], seed: int = 0) -> dict[str, float]:
     return worst
 
 
+def network_kwargs() -> dict[str, Any]:
+    """scTab's network settings, as keyword arguments of both networks' constructors
+    (ours and pytorch-tabnet's ``tab_network.TabNet``)."""
+    p = PAPER
+    return {
+        "n_d": p["n_d"],
+        "n_a": p["n_a"],
+        "n_shared": p["n_shared"],
+        "n_independent": p["n_independent"],
+        "n_steps": 1,
+        "virtual_batch_size": p["virtual_batch_size"],
+        "momentum": p["momentum"],
+    }
+
+
 def _equivalence_pass(data: dict[str, Any], gain: float | None, seed: int) -> dict[str, float]:
     """One network pair of :func:`equivalence_check` (``gain``: attention BN weight)."""
     import torch
@@ -367,14 +382,11 @@ def _equivalence_pass(data: dict[str, Any], gain: float | None, seed: int) -> di
     from celltype_bench.methods.tabnet import TabNet
 
     x, y, x_val = data["x"], data["y"], data["x_val"]
-    g, k, p = x.shape[1], data["n_classes"], PAPER
-    widths = {"n_d": p["n_d"], "n_a": p["n_a"], "n_shared": p["n_shared"]}
-    widths.update(n_independent=p["n_independent"], n_steps=1)
-    ghost = {"virtual_batch_size": p["virtual_batch_size"], "momentum": p["momentum"]}
+    g, k = x.shape[1], data["n_classes"]
     torch.manual_seed(seed)
-    ours = TabNet(g, k, **widths, **ghost)
+    ours = TabNet(g, k, **network_kwargs())
     ref = tab_network.TabNet(
-        g, k, **widths, **ghost, mask_type="entmax", group_attention_matrix=torch.eye(g)
+        g, k, **network_kwargs(), mask_type="entmax", group_attention_matrix=torch.eye(g)
     )
     if gain is not None:
         with torch.no_grad():
@@ -616,9 +628,8 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
     merged = dict(results[0])
     runs: dict[str, dict[int, dict[str, Any]]] = {arm: {} for arm in merged["runs"]}
     for res in results:
-        for key in ("data", "equivalence"):
-            if key == "data" and res[key] != merged[key]:
-                raise SystemExit("--from-json: the results are on different data")
+        if res["data"] != merged["data"]:
+            raise SystemExit("--from-json: the results are on different data")
         if res["args"]["epochs"] != merged["args"]["epochs"]:
             raise SystemExit("--from-json: the results ran different numbers of epochs")
         first = int(res["args"].get("first_seed", 0))
@@ -631,7 +642,6 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
     merged["runs"] = {arm: [by_seed[s] for s in sorted(by_seed)] for arm, by_seed in runs.items()}
     seeds = sorted(runs["ours"])
     merged["args"] = {**merged["args"], "repeats": len(seeds), "first_seed": seeds[0]}
-    merged["seeds"] = seeds
     merged["summary"] = summarise(merged["runs"])  # columns added since it was saved
     if len(results) > 1:
         merged["command"] = " + ".join(r["command"] for r in results) + " (merged with --from-json)"
@@ -664,6 +674,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     if args.from_json:
+        missing = [f for f in args.from_json if not Path(f).is_file()]
+        if missing:
+            raise SystemExit(
+                f"--from-json: no such file: {', '.join(missing)} (saved results are written to "
+                f"{OUT_DIR}/{NAME}*.json by a run without --no-write)"
+            )
         result = merge_results([json.loads(Path(f).read_text()) for f in args.from_json])
         table = markdown(result)
         print(table)
