@@ -25,16 +25,11 @@ Sparsity regulariser (TabNet's): the mean over cells of the mask entropy
 
 Ghost batch normalisation: in training, the batch is split into ``ceil(n / vbs)``
 consecutive virtual batches (``torch.chunk``, as TabNet) and each is normalised with its own
-mean and variance; the running statistics are updated once per virtual batch, exactly as a loop
-over the chunks would. In evaluation the running statistics of the whole data are used.
+mean and variance, one batch-norm call per chunk, updating the running statistics chunk after
+chunk (TabNet's loop). In evaluation the running statistics of the whole data are used.
 Speed (the same function as pytorch-tabnet's network with the same weights, computed with
 less work; tests/test_sctab.py compares the two):
 
-- Ghost batch norm without a loop: when the chunks have equal size, :class:`TabNet` reorders
-  the batch rows once on entry so that the ``k`` virtual batches are interleaved (row
-  ``v * k + j`` is row ``v`` of chunk ``j``); every ghost batch norm is then one native
-  batch-norm call on a free ``(n / k, k * width)`` view, one channel per (chunk, feature),
-  instead of ``k`` calls plus a concatenation. The logits are put back in the input row order.
 - Input batch norm folded into the first Linear: ``BN(x) = x * a + c`` per feature, so the
   splitter's first layer is ``x @ (W * a).T + W @ c`` and needs no gradient with respect to
   the (dense, constant) input.
@@ -69,18 +64,6 @@ def _init_non_glu(layer: nn.Linear, fan_in: int, fan_out: int) -> None:
     """TabNet's initialisation of the attention and final Linear layers."""
     gain = math.sqrt((fan_in + fan_out) / math.sqrt(4 * fan_in))
     nn.init.xavier_normal_(layer.weight, gain=gain)
-
-
-def ghost_layout(x: Tensor, chunks: int) -> Tensor:
-    """Reorder rows so that the ``chunks`` consecutive virtual batches are interleaved."""
-    n = x.shape[0]
-    return x.reshape(chunks, n // chunks, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
-
-
-def from_ghost_layout(x: Tensor, chunks: int) -> Tensor:
-    """Inverse of :func:`ghost_layout`."""
-    n = x.shape[0]
-    return x.reshape(n // chunks, chunks, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
 
 
 class MaskedLinear(torch.autograd.Function):
@@ -121,9 +104,13 @@ class GhostBatchNorm(nn.BatchNorm1d):
     """Ghost batch normalisation (Hoffer et al. 2017): per-virtual-batch statistics.
 
     Training: the batch is split into ``ceil(n / virtual_batch_size)`` chunks
-    (``torch.chunk``, as pytorch-tabnet's and scTab's ``GBN``) normalised separately; the running statistics are updated chunk after
-    chunk (momentum ``momentum`` each). Evaluation: the running statistics. ``forward(x,
-    interleaved=k)`` takes a batch already in :func:`ghost_layout` with ``k`` chunks.
+    (``torch.chunk``, as pytorch-tabnet's and scTab's ``GBN``) normalised separately; the
+    running statistics are updated chunk after chunk (momentum ``momentum`` each). Evaluation:
+    the running statistics.
+
+    An earlier version normalised all chunks in one call on an interleaved row layout: the
+    same function, but trained measurably slower in early epochs on the benchmark data (a
+    float32 rounding effect, benchmarks/results/sctab_same_loop.md) for no measurable speed gain.
     """
 
     def __init__(
@@ -142,21 +129,16 @@ class GhostBatchNorm(nn.BatchNorm1d):
         """Number of virtual batches of a batch of ``n`` cells."""
         return max(-(-n // self.virtual_batch_size), 1)
 
-    def forward(self, x: Tensor, interleaved: int = 0) -> Tensor:  # type: ignore[override]
-        """Normalise ``x`` (cells x features); ``interleaved=k``: rows in ghost layout."""
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        """Normalise ``x`` (cells x features)."""
         if not self.training:
             return F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
-        n = x.shape[0]
-        if interleaved > 1:
-            return self._interleaved(x, interleaved)
-        k = self.n_chunks(n)
+        k = self.n_chunks(x.shape[0])
         if k == 1:
             return super().forward(x)
-        if n % k == 0:
-            return from_ghost_layout(self._interleaved(ghost_layout(x, k), k), k)
-        momentum = float(self.momentum)  # unequal chunks: TabNet's loop
+        momentum = float(self.momentum)
         self.num_batches_tracked.add_(k)
         return torch.cat(
             [
@@ -174,31 +156,6 @@ class GhostBatchNorm(nn.BatchNorm1d):
             ],
             dim=0,
         )
-
-    def _interleaved(self, x: Tensor, k: int) -> Tensor:
-        n, c = x.shape
-        size = n // k
-        out, mean, invstd = torch.native_batch_norm(
-            x.reshape(size, k * c),
-            self.weight.repeat(k),
-            self.bias.repeat(k),
-            None,
-            None,
-            True,
-            0.0,
-            self.eps,
-        )
-        with torch.no_grad():
-            m = float(self.momentum)
-            var = invstd.detach().reshape(k, c).pow(-2).sub_(self.eps).clamp_(min=0.0)
-            if size > 1:
-                var.mul_(size / (size - 1))
-            w = m * (1.0 - m) ** torch.arange(k - 1, -1, -1, dtype=x.dtype, device=x.device)
-            keep = (1.0 - m) ** k
-            self.running_mean.mul_(keep).add_(w @ mean.detach().reshape(k, c))
-            self.running_var.mul_(keep).add_(w @ var)
-            self.num_batches_tracked.add_(k)
-        return out.reshape(n, c)
 
 
 class GLULayer(nn.Module):
@@ -220,9 +177,9 @@ class GLULayer(nn.Module):
         self.fc = fc
         self.bn = GhostBatchNorm(2 * out_dim, virtual_batch_size, momentum)
 
-    def forward(self, x: Tensor, interleaved: int = 0, projected: bool = False) -> Tensor:
+    def forward(self, x: Tensor, projected: bool = False) -> Tensor:
         """GLU of the normalised projection (``projected``: ``x`` is already ``fc(x)``)."""
-        return F.glu(self.bn(x if projected else self.fc(x), interleaved), dim=-1)
+        return F.glu(self.bn(x if projected else self.fc(x)), dim=-1)
 
 
 class GLUBlock(nn.Module):
@@ -251,18 +208,18 @@ class GLUBlock(nn.Module):
             for i in range(n_glu)
         )
 
-    def forward(self, x: Tensor, interleaved: int = 0, projected: bool = False) -> Tensor:
+    def forward(self, x: Tensor, projected: bool = False) -> Tensor:
         """Apply the layers; residual ``(x + glu(x)) * sqrt(0.5)`` after a first layer.
 
         ``projected`` (only for a ``first`` block): ``x`` is the first layer's ``fc(x)``.
         """
         layers = iter(self.layers)
         if self.first:
-            x = next(layers)(x, interleaved, projected)
+            x = next(layers)(x, projected)
         elif projected:
             raise ValueError("only a first GLU block takes a projected input")
         for layer in layers:
-            x = torch.add(x, layer(x, interleaved)).mul_(SQRT_HALF)
+            x = torch.add(x, layer(x)).mul_(SQRT_HALF)
         return x
 
 
@@ -301,13 +258,13 @@ class FeatureTransformer(nn.Module):
         assert isinstance(fc, nn.Linear)
         return fc
 
-    def forward(self, x: Tensor, interleaved: int = 0, projected: bool = False) -> Tensor:
+    def forward(self, x: Tensor, projected: bool = False) -> Tensor:
         """Shared block, then the specific block (``projected``: ``x`` is ``first_fc(x)``)."""
         if self.shared is not None:
-            x = self.shared(x, interleaved, projected)
+            x = self.shared(x, projected)
             projected = False
         if self.specific is not None:
-            x = self.specific(x, interleaved, projected)
+            x = self.specific(x, projected)
         return x
 
 
@@ -334,11 +291,9 @@ class AttentiveTransformer(nn.Module):
         self.bn = GhostBatchNorm(n_features, virtual_batch_size, momentum)
         self.register_buffer("k_hint", torch.zeros((), dtype=torch.long))
 
-    def forward(
-        self, att: Tensor, prior: Tensor | None = None, interleaved: int = 0
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, att: Tensor, prior: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The attention mask of every cell, compact: ``(p, idx, entropy)``."""
-        z = self.bn(self.fc(att), interleaved)
+        z = self.bn(self.fc(att))
         if prior is not None:
             z = z * prior
         hint = int(self.k_hint)
@@ -416,13 +371,6 @@ class TabNet(nn.Module):
             sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
         )
 
-    def _layout_chunks(self, n: int) -> int:
-        """Virtual batches to interleave for a training batch of ``n`` (0: no reordering)."""
-        if not self.training:
-            return 0
-        k = max(-(-n // self.virtual_batch_size), 1)  # GhostBatchNorm.n_chunks
-        return k if k > 1 and n % k == 0 else 0
-
     def _input_affine(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(a, c)`` with ``initial_bn(x) == x * a + c`` per feature (``x`` without gradient).
 
@@ -454,7 +402,6 @@ class TabNet(nn.Module):
         affine: tuple[Tensor, Tensor] | None,
         p: Tensor,
         idx: Tensor,
-        k: int,
     ) -> Tensor:
         """The step's feature transformer applied to the masked input ``M * BN(x)``.
 
@@ -466,60 +413,51 @@ class TabNet(nn.Module):
             if affine is not None:
                 xs = xs * affine[0][idx] + affine[1][idx]
             proj = masked_linear(p * xs, idx, ft.first_fc.weight)
-            return ft(proj, k, projected=True)
+            return ft(proj, projected=True)
         xn = x if affine is None else torch.addcmul(affine[1], x, affine[0])
-        return ft(to_dense(p, idx, self.n_features) * xn, k)
+        return ft(to_dense(p, idx, self.n_features) * xn)
 
-    def _run(self, x: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]], Tensor, int]:
-        """Logits (input row order), compact step masks (in the layout), sparsity, layout."""
-        k = self._layout_chunks(x.shape[0])
-        if k:
-            x = ghost_layout(x, k)
+    def _run(self, x: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]], Tensor]:
+        """Logits, compact step masks and the sparsity loss."""
         affine: tuple[Tensor, Tensor] | None = None
         if x.requires_grad:
             x = self.initial_bn(x)
-            att = self.initial_splitter(x, k)[:, self.n_d :]
+            att = self.initial_splitter(x)[:, self.n_d :]
         else:
             # BN(x) @ W.T == x @ (W * a).T + W @ c: no gradient w.r.t. the dense input needed
             affine = a, c = self._input_affine(x)
             weight = self.initial_splitter.first_fc.weight
             proj = F.linear(x, weight * a, weight @ c)
-            att = self.initial_splitter(proj, k, projected=True)[:, self.n_d :]
+            att = self.initial_splitter(proj, projected=True)[:, self.n_d :]
         prior: Tensor | None = None
         decision: Tensor | None = None
         masks: list[tuple[Tensor, Tensor]] = []
         sparsity = x.new_zeros(())
         for step in range(self.n_steps):
-            p, idx, entropy = self.att_transformers[step](att, prior, k)
+            p, idx, entropy = self.att_transformers[step](att, prior)
             masks.append((p, idx))
             sparsity = sparsity + entropy.mean()
             if step + 1 < self.n_steps:
                 m = to_dense(p, idx, self.n_features)
                 prior = (self.relaxation - m) if prior is None else prior * (self.relaxation - m)
-            out = self._step_input(self.feat_transformers[step], x, affine, p, idx, k)
+            out = self._step_input(self.feat_transformers[step], x, affine, p, idx)
             d = F.relu(out[:, : self.n_d])
             decision = d if decision is None else decision + d
             att = out[:, self.n_d :]
         assert decision is not None
-        logits = self.final(decision)
-        if k:
-            logits = from_ghost_layout(logits, k)
-        return logits, masks, sparsity / self.n_steps, k
+        return self.final(decision), masks, sparsity / self.n_steps
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits (cells x classes); sets ``last_sparsity_loss`` (mask entropy)."""
-        logits, _, sparsity, _ = self._run(x)
+        logits, _, sparsity = self._run(x)
         self.last_sparsity_loss = sparsity
         return logits
 
     def forward_masks(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Logits and the dense attention mask of every step (in the current mode)."""
-        logits, compact, sparsity, k = self._run(x)
+        logits, compact, sparsity = self._run(x)
         self.last_sparsity_loss = sparsity
-        masks = [to_dense(p, idx, self.n_features) for p, idx in compact]
-        if k:
-            masks = [from_ghost_layout(m, k) for m in masks]
-        return logits, masks
+        return logits, [to_dense(p, idx, self.n_features) for p, idx in compact]
 
     @torch.no_grad()
     def masks(self, x: Tensor) -> Tensor:
