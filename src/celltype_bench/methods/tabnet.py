@@ -109,8 +109,9 @@ class GhostBatchNorm(nn.BatchNorm1d):
     the running statistics.
 
     An earlier version normalised all chunks in one call on an interleaved row layout: the
-    same function, but trained measurably slower in early epochs on the benchmark data (a
-    float32 rounding effect, benchmarks/results/sctab_same_loop.md) for no measurable speed gain.
+    same function, but it trained more slowly in the early epochs on the benchmark data (a
+    float32 rounding effect, benchmarks/results/sctab_same_loop.md), and a training step was
+    only about 3% faster (8 alternating repeats, within the noise).
     """
 
     def __init__(
