@@ -114,18 +114,41 @@ class Meter:
         self.other_share = max(0.0, other / (self.wall * (os.cpu_count() or 1)))
 
 
-def make_data(n_cells: int, data_seed: int) -> dict[str, Any]:
-    """census-like data, preprocessed, split 80/10/10 (stratified)."""
+def make_data(n_cells: int, data_seed: int, extra_test_cells: int = 0) -> dict[str, Any]:
+    """census-like data, preprocessed, split 80/10/10 (stratified).
+
+    ``extra_test_cells``: that many more cells are generated and added to the test set only (a
+    stratified random draw from all generated cells), so the test macro F1 has less sampling
+    noise while training and validation keep ``n_cells``' sizes.
+    """
+    import anndata as ad
+
     from celltype_bench.data.preprocess import preprocess
     from celltype_bench.data.sources import generate_census_like
     from celltype_bench.data.splits import assign_folds
 
-    adata = preprocess(generate_census_like(n_cells=n_cells, seed=data_seed))
-    folds = assign_folds(adata.obs["cell_type"].astype(str).to_numpy(), 10, seed=0)
+    total = n_cells + extra_test_cells
+    adata = preprocess(generate_census_like(n_cells=total, seed=data_seed))
+    labels = adata.obs["cell_type"].astype(str).to_numpy()
+    extra = np.zeros(adata.n_obs, dtype=bool)
+    if extra_test_cells:
+        from sklearn.model_selection import train_test_split
+
+        _, pick = train_test_split(
+            np.arange(adata.n_obs),
+            test_size=extra_test_cells,
+            stratify=labels,
+            random_state=data_seed,
+        )
+        extra[pick] = True
+    rest = adata[~extra].copy()
+    folds = assign_folds(rest.obs["cell_type"].astype(str).to_numpy(), 10, seed=0)
     parts = {
-        "train": adata[folds >= 2].copy(),
-        "valid": adata[folds == 1].copy(),
-        "test": adata[folds == 0].copy(),
+        "train": rest[folds >= 2].copy(),
+        "valid": rest[folds == 1].copy(),
+        "test": ad.concat([rest[folds == 0], adata[extra]])
+        if extra_test_cells
+        else rest[folds == 0].copy(),
     }
     counts = adata.obs["cell_type"].value_counts()
     info = {
@@ -137,6 +160,8 @@ def make_data(n_cells: int, data_seed: int) -> dict[str, Any]:
         "smallest_class": int(counts.min()),
         **{f"n_{k}": int(v.n_obs) for k, v in parts.items()},
     }
+    if extra_test_cells:
+        info["n_extra_test"] = int(extra_test_cells)
     return {"parts": parts, "info": info}
 
 
@@ -509,7 +534,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"Data: census_like, {info['n_cells']:,} cells x {info['n_genes']} genes (X density "
         f"{info['density']:.2f}), {info['n_classes']} cell types ({info['largest_class']:,} to "
         f"{info['smallest_class']} cells); stratified split {info['n_train']:,} train / "
-        f"{info['n_valid']:,} validation / {info['n_test']:,} test. scTab's model and training "
+        f"{info['n_valid']:,} validation / {info['n_test']:,} test"
+        + (
+            f" (of which {info['n_extra_test']:,} extra cells, a stratified draw, only for testing)"
+            if info.get("n_extra_test")
+            else ""
+        )
+        + ". scTab's model and training "
         "settings in both (one decision step, 1.5-entmax, n_d 128, n_a 64, 3 shared + 5 "
         "independent GLU layers, virtual batch 256, lambda_sparse 1e-5, class-weighted CE, "
         "AdamW lr 0.005 wd 0.05, StepLR 0.9, clip 1.0, batch 2048), no augmentation, "
@@ -677,6 +708,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument(
+        "--extra-test-cells",
+        type=int,
+        default=0,
+        help="generate this many more cells and add them to the test set only (less noise in "
+        "the test macro F1; training and validation keep --n-cells' sizes)",
+    )
+    ap.add_argument(
         "--first-seed",
         type=int,
         default=0,
@@ -713,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     import torch._dynamo  # noqa: F401  (torch's one-time lazy import, paid before timing)
 
-    data = make_data(args.n_cells, args.data_seed)
+    data = make_data(args.n_cells, args.data_seed, args.extra_test_cells)
     print(json.dumps(data["info"]), flush=True)
     same = equivalence_check(data["parts"])
     print("same weights, float64, max relative difference:", json.dumps(same), flush=True)
@@ -728,6 +766,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [".venv/bin/python", "benchmarks/sctab_vs_pytorch_tabnet.py"]
     cmd += ["--n-cells", str(args.n_cells), "--epochs", str(args.epochs)]
     cmd += ["--repeats", str(args.repeats)]
+    if args.extra_test_cells:
+        cmd += ["--extra-test-cells", str(args.extra_test_cells)]
     if args.first_seed:
         cmd += ["--first-seed", str(args.first_seed)]
     if args.threads != 2:
