@@ -665,6 +665,12 @@ def run_arm(arm: str, parts: dict[str, Any], args: argparse.Namespace, seed: int
     return best
 
 
+def results_md_name(result: dict[str, Any]) -> str:
+    """The results file of a run: runs with extra test cells are another data set."""
+    extra = result["data"].get("n_extra_test")
+    return f"{NAME}_extratest.md" if extra else f"{NAME}.md"
+
+
 def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
     """One result from several saved ones of the same data and settings (other seeds).
 
@@ -743,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
         table = markdown(result)
         print(table)
         if not args.no_write:
-            (RESULTS_DIR / f"{NAME}.md").write_text(table)
+            (RESULTS_DIR / results_md_name(result)).write_text(table)
         return 0
 
     import torch
@@ -791,8 +797,10 @@ def main(argv: list[str] | None = None) -> int:
         RESULTS_DIR.mkdir(exist_ok=True)
         suffix = f"_seeds{args.first_seed}-{args.first_seed + args.repeats - 1}"
         out_name = NAME if args.first_seed == 0 else NAME + suffix
+        if args.extra_test_cells:  # another data set: its own files
+            out_name = f"{NAME}_extratest{args.extra_test_cells}{suffix}"
         (OUT_DIR / f"{out_name}.json").write_text(json.dumps(result, indent=1))
-        (RESULTS_DIR / f"{NAME}.md").write_text(table)
+        (RESULTS_DIR / results_md_name(result)).write_text(table)
     return 0
 
 
