@@ -134,15 +134,21 @@ def make_data(n_cells: int, data_seed: int, extra_test_cells: int = 0) -> dict[s
     if extra_test_cells:
         from sklearn.model_selection import train_test_split
 
-        _, pick = train_test_split(
-            np.arange(adata.n_obs),
-            test_size=extra_test_cells,
-            stratify=labels,
-            random_state=data_seed,
-        )
+        try:
+            _, pick = train_test_split(
+                np.arange(adata.n_obs),
+                test_size=extra_test_cells,
+                stratify=labels,
+                random_state=data_seed,
+            )
+        except ValueError as err:  # e.g. fewer extra cells than cell types
+            raise SystemExit(
+                f"--extra-test-cells {extra_test_cells}: {err} (use 0, or at least one cell "
+                "per cell type)"
+            ) from err
         extra[pick] = True
     rest = adata[~extra].copy()
-    folds = assign_folds(rest.obs["cell_type"].astype(str).to_numpy(), 10, seed=0)
+    folds = assign_folds(labels[~extra], 10, seed=0)
     parts = {
         "train": rest[folds >= 2].copy(),
         "valid": rest[folds == 1].copy(),
@@ -467,6 +473,10 @@ def per_epoch(run: dict[str, Any], key: str = "epoch_s") -> float:
     return float(statistics.median(times))
 
 
+def _sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Medians / means over repeats per arm, and the ratios."""
     out: dict[str, Any] = {}
@@ -481,16 +491,12 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "fit_s": statistics.median(r["fit_s"] for r in rs),
             "predict_s": statistics.median(r["predict_s"] for r in rs),
             "macro_f1": statistics.fmean(f1),
-            "macro_f1_sd": statistics.stdev(f1) if len(f1) > 1 else 0.0,
+            "macro_f1_sd": _sd(f1),
             "accuracy": statistics.fmean(r["accuracy"] for r in rs),
             "val_f1_best": statistics.fmean(max(r["val_f1"]) for r in rs),
-            "val_f1_best_sd": (
-                statistics.stdev(max(r["val_f1"]) for r in rs) if len(rs) > 1 else 0.0
-            ),
+            "val_f1_best_sd": _sd([max(r["val_f1"]) for r in rs]),
             "val_f1_last": statistics.fmean(r["val_f1"][-1] for r in rs),
-            "val_f1_last_sd": (
-                statistics.stdev(r["val_f1"][-1] for r in rs) if len(rs) > 1 else 0.0
-            ),
+            "val_f1_last_sd": _sd([r["val_f1"][-1] for r in rs]),
             "other_share": statistics.median(r["other_share"] for r in rs),
         }
     ours, ref = out["ours"], out["pytorch_tabnet"]
@@ -504,12 +510,13 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "macro_f1_diff": ours["macro_f1"] - ref["macro_f1"],
     }
     n = min(len(runs["ours"]), len(runs["pytorch_tabnet"]))
-    se = math.sqrt((ours["macro_f1_sd"] ** 2 + ref["macro_f1_sd"] ** 2) / max(n, 1))
-    out["ratios"]["macro_f1_diff_se"] = se
+
+    def se(key: str) -> float:  # standard error of the difference of the arms' means
+        return math.sqrt((ours[key + "_sd"] ** 2 + ref[key + "_sd"] ** 2) / max(n, 1))
+
+    out["ratios"]["macro_f1_diff_se"] = se("macro_f1")
     out["ratios"]["val_f1_last_diff"] = ours["val_f1_last"] - ref["val_f1_last"]
-    out["ratios"]["val_f1_last_diff_se"] = math.sqrt(
-        (ours["val_f1_last_sd"] ** 2 + ref["val_f1_last_sd"] ** 2) / max(n, 1)
-    )
+    out["ratios"]["val_f1_last_diff_se"] = se("val_f1_last")
     lower = sum(a["macro_f1"] < b["macro_f1"] for a, b in pairs)
     out["ratios"]["seeds_lower"] = lower
     # two-sided sign test over the paired seeds (ties count against neither side)
@@ -706,6 +713,13 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--n-cells", type=int, default=60000)
@@ -715,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument(
         "--extra-test-cells",
-        type=int,
+        type=_non_negative_int,
         default=0,
         help="generate this many more cells and add them to the test set only (less noise in "
         "the test macro F1; training and validation keep --n-cells' sizes)",
