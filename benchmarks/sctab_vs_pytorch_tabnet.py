@@ -477,6 +477,19 @@ def _sd(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def welch_ci95(a: list[float], b: list[float]) -> list[float]:
+    """95% confidence interval of ``mean(a) - mean(b)`` (Welch's t, unequal variances)."""
+    from scipy import stats
+
+    va, vb = _sd(a) ** 2 / len(a), _sd(b) ** 2 / len(b)
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    if va + vb == 0:
+        return [diff, diff]
+    df = (va + vb) ** 2 / (va**2 / max(len(a) - 1, 1) + vb**2 / max(len(b) - 1, 1))
+    half = float(stats.t.ppf(0.975, df)) * math.sqrt(va + vb)
+    return [diff - half, diff + half]
+
+
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Medians / means over repeats per arm, and the ratios."""
     out: dict[str, Any] = {}
@@ -515,6 +528,9 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         return math.sqrt((ours[key + "_sd"] ** 2 + ref[key + "_sd"] ** 2) / max(n, 1))
 
     out["ratios"]["macro_f1_diff_se"] = se("macro_f1")
+    out["ratios"]["macro_f1_diff_ci95"] = welch_ci95(
+        [r["macro_f1"] for r in runs["ours"]], [r["macro_f1"] for r in runs["pytorch_tabnet"]]
+    )
     out["ratios"]["val_f1_last_diff"] = ours["val_f1_last"] - ref["val_f1_last"]
     out["ratios"]["val_f1_last_diff_se"] = se("val_f1_last")
     lower = sum(a["macro_f1"] < b["macro_f1"] for a, b in pairs)
@@ -586,10 +602,18 @@ def markdown(result: dict[str, Any]) -> str:
         f"| predict speed-up | {r['predict_speedup']:.2f}x |",
         f"| macro F1 difference (+- standard error) | {r['macro_f1_diff']:+.4f} +- "
         f"{r['macro_f1_diff_se']:.4f} |",
+        "| macro F1 difference, 95% confidence interval (Welch) | "
+        + (
+            "{:+.4f} to {:+.4f}".format(*r["macro_f1_diff_ci95"])
+            if "macro_f1_diff_ci95" in r
+            else "-"
+        )
+        + " |",
         "| last-epoch validation macro F1 difference (+- standard error; the other held-out "
         f"set; the last epoch's model, so no selection on it) | {r['val_f1_last_diff']:+.4f} +- "
         f"{r['val_f1_last_diff_se']:.4f} |",
         "",
+        *_learning_curve_lines(result["runs"]),
         "Per repeat (wall s / epoch, test macro F1, share of the machine's CPU other processes "
         "used during the fit):",
         "",
@@ -634,6 +658,28 @@ def markdown(result: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _learning_curve_lines(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Mean validation macro F1 at every fifth epoch per arm, and how many seeds ours trailed."""
+    n_epochs = min(len(r["val_f1"]) for rs in runs.values() for r in rs)
+    epochs = sorted({*range(5, n_epochs + 1, 5), n_epochs} - {0})
+    if not epochs:
+        return []
+    pairs = list(zip(runs["ours"], runs["pytorch_tabnet"], strict=True))
+    lines = [
+        "Validation macro F1 during training (mean over the seeds; the seeds in which ours was "
+        "lower than pytorch-tabnet's fit with the same seed number):",
+        "",
+        "| epoch | " + " | ".join(str(e) for e in epochs) + " |",
+        "|---|" + "---:|" * len(epochs),
+    ]
+    for arm in ("ours", "pytorch_tabnet"):
+        means = [statistics.fmean(r["val_f1"][e - 1] for r in runs[arm]) for e in epochs]
+        lines.append(f"| {LABELS[arm]} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+    lower = [sum(a["val_f1"][e - 1] < b["val_f1"][e - 1] for a, b in pairs) for e in epochs]
+    lines.append("| ours lower in | " + " | ".join(f"{k} of {len(pairs)}" for k in lower) + " |")
+    return [*lines, ""]
 
 
 def _equivalence_lines(same: dict[str, float] | None) -> list[str]:
