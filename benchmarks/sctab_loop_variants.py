@@ -1,0 +1,239 @@
+"""Where does the scTab F1 gap come from: our network or our training loop?
+
+Each arm changes one thing against the two arms of ``sctab_vs_pytorch_tabnet.py`` (same data,
+split, settings and seeds), and its test macro F1 is compared per seed with the saved runs of
+that benchmark (``benchmarks/out/sctab_vs_pytorch_tabnet*.json``):
+
+- ``ours_in_their_loop``: our ``TabNet`` trained by pytorch-tabnet's ``TabNetClassifier.fit``
+  (its initial weights copied into ours, its batch order kept), so only the network differs
+  from pytorch-tabnet's own arm;
+- ``plain``: our arm with the for-loop AdamW (not the fused kernel) and torch's default
+  (non-deterministic) mode, as pytorch-tabnet's loop runs;
+- ``torchorder``: our arm with each epoch's batch order drawn by ``torch.randperm`` (as a
+  DataLoader's RandomSampler) instead of numpy's ``Generator.permutation``.
+
+One json line per fit is appended to ``benchmarks/out/sctab_loop_variants.jsonl``; a rerun skips
+the fits already there. ``--report`` prints the comparison table (markdown).
+
+Usage: ``python benchmarks/sctab_loop_variants.py --arm torchorder --seeds 0-9`` (one arm per
+process), then ``python benchmarks/sctab_loop_variants.py --report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import sctab_vs_pytorch_tabnet as bench  # noqa: E402
+
+OUT = HERE / "out" / "sctab_loop_variants.jsonl"
+ARMS = ("ours_in_their_loop", "plain", "torchorder")
+
+
+def _patch_their_loop() -> None:
+    """Make ``TabNetClassifier`` train our network (its initial weights, its batch order)."""
+    import torch
+    from pytorch_tabnet import tab_model
+
+    from celltype_bench.methods.tabnet import TabNet, pytorch_tabnet_key
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, ours: TabNet, ref: torch.nn.Module) -> None:
+            super().__init__()
+            self.ours = ours
+            for name in ("input_dim", "cat_emb_dim", "cat_idxs", "post_embed_dim"):
+                setattr(self, name, getattr(ref, name))
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.ours(x), -self.ours.last_sparsity_loss  # (logits, M_loss)
+
+    original = tab_model.TabNetClassifier._set_network
+
+    def set_network(self: Any) -> None:
+        original(self)
+        ref = self.network
+        rng = torch.get_rng_state()  # building ours draws too: keep pytorch-tabnet's batch order
+        ours = TabNet(self.input_dim, self.output_dim, **bench.network_kwargs())
+        torch.set_rng_state(rng)
+        theirs = ref.state_dict()
+        ours.load_state_dict(
+            {
+                k: v if "k_hint" in k else theirs[pytorch_tabnet_key(k)]
+                for k, v in ours.state_dict().items()
+            }
+        )
+        self.network = Wrapped(ours, ref)
+
+    tab_model.TabNetClassifier._set_network = set_network
+
+
+def _patch_our_loop(arm: str) -> None:
+    """Change one detail of ``fit_torch`` as our sctab arm calls it."""
+    import torch
+
+    import celltype_bench.methods.base as base
+
+    fit_torch = base.fit_torch
+
+    def fit(*args: Any, **kwargs: Any) -> Any:
+        if arm == "plain":
+            kwargs["fused_optimizer"] = False
+            torch.use_deterministic_algorithms(False)  # after the method's seed_everything
+        else:
+            n = len(args[2])
+
+            def sampler(rng: np.random.Generator) -> np.ndarray:
+                gen = torch.Generator()
+                gen.manual_seed(int(rng.integers(2**62)))
+                return torch.randperm(n, generator=gen).numpy()
+
+            kwargs["sampler"] = sampler
+        return fit_torch(*args, **kwargs)
+
+    base.fit_torch = fit
+
+
+def run(arm: str, seeds: list[int], n_cells: int, epochs: int) -> None:
+    """Fit ``arm`` for every seed not yet in the output file."""
+    import torch
+
+    torch.set_num_threads(1)
+    done = {(r["arm"], r["seed"], r["n_cells"], r["epochs"]) for r in _records()}
+    if arm == "ours_in_their_loop":
+        _patch_their_loop()
+        runner = bench.run_pytorch_tabnet
+    else:
+        _patch_our_loop(arm)
+        runner = bench.run_ours
+    data = bench.make_data(n_cells, 0)
+    for seed in seeds:
+        if (arm, seed, n_cells, epochs) in done:
+            continue
+        t0 = time.perf_counter()
+        r = runner(data["parts"], epochs, seed)
+        rec = {
+            "arm": arm,
+            "seed": seed,
+            "n_cells": n_cells,
+            "epochs": epochs,
+            "macro_f1": r["macro_f1"],
+            "val_f1": r["val_f1"],
+            "epoch_s": bench.per_epoch(r),
+            "fit_s": time.perf_counter() - t0,
+        }
+        print(f"{arm} seed {seed}: test macro F1 {rec['macro_f1']:.4f}", flush=True)
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        with OUT.open("a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+
+def _records() -> list[dict[str, Any]]:
+    if not OUT.exists():
+        return []
+    return [json.loads(line) for line in OUT.read_text().splitlines() if line.strip()]
+
+
+def _saved_benchmark() -> dict[str, dict[int, dict[str, Any]]]:
+    """Per arm and seed, the runs of ``sctab_vs_pytorch_tabnet.py`` (30,000 cells, 30 epochs)."""
+    runs: dict[str, dict[int, dict[str, Any]]] = {"ours": {}, "pytorch_tabnet": {}}
+    for path in sorted(glob.glob(str(HERE / "out" / "sctab_vs_pytorch_tabnet*.json"))):
+        result = json.loads(Path(path).read_text())
+        args = result["args"]
+        setting = (args["n_cells"], args["epochs"], args.get("data_seed", 0))
+        if args.get("extra_test_cells") or setting != (30000, 30, 0):
+            continue
+        for arm, rs in result["runs"].items():
+            for r in rs:
+                runs[arm][int(r["seed"])] = r
+    return runs
+
+
+def report() -> str:
+    """Markdown: each arm against our and pytorch-tabnet's benchmark runs on the same seeds."""
+    saved = _saved_benchmark()
+    lines = [
+        "| arm | seeds | test macro F1 | ours, same seeds | pytorch-tabnet, same seeds "
+        "| arm - ours | arm - pytorch-tabnet | validation F1 at epochs 5 / 10 / 20 / 30 "
+        "(arm; ours; pytorch-tabnet) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for arm in ARMS:
+        recs = {
+            r["seed"]: r
+            for r in _records()
+            if r["arm"] == arm and (r["n_cells"], r["epochs"]) == (30000, 30)
+        }
+        seeds = sorted(s for s in recs if s in saved["ours"] and s in saved["pytorch_tabnet"])
+        if len(seeds) < 2:
+            continue
+        x = [recs[s]["macro_f1"] for s in seeds]
+        o = [saved["ours"][s]["macro_f1"] for s in seeds]
+        p = [saved["pytorch_tabnet"][s]["macro_f1"] for s in seeds]
+
+        def diff(a: list[float], b: list[float]) -> str:
+            se = math.sqrt((statistics.variance(a) + statistics.variance(b)) / len(a))
+            return f"{statistics.fmean(a) - statistics.fmean(b):+.4f} +- {se:.4f}"
+
+        def val(rs: list[dict[str, Any]]) -> str:
+            return " / ".join(
+                f"{statistics.fmean(r['val_f1'][e - 1] for r in rs):.3f}" for e in (5, 10, 20, 30)
+            )
+
+        curves = "; ".join(
+            val(rs)
+            for rs in (
+                [recs[s] for s in seeds],
+                [saved["ours"][s] for s in seeds],
+                [saved["pytorch_tabnet"][s] for s in seeds],
+            )
+        )
+        lines.append(
+            f"| {arm} | {seeds[0]}-{seeds[-1]} ({len(seeds)}) | {statistics.fmean(x):.4f} | "
+            f"{statistics.fmean(o):.4f} | {statistics.fmean(p):.4f} | {diff(x, o)} | "
+            f"{diff(x, p)} | {curves} |"
+        )
+    return "\n".join(lines)
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        if "-" in text:
+            lo, hi = (int(t) for t in text.split("-", 1))
+            return list(range(lo, hi + 1))
+        return [int(t) for t in text.split(",")]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"--seeds {text!r}: use a range like 0-9 or a list like 0,1,5"
+        ) from err
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arm", choices=ARMS)
+    ap.add_argument("--seeds", type=_seeds, default=_seeds("0-9"))
+    ap.add_argument("--n-cells", type=int, default=30000)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--report", action="store_true", help="print the comparison table only")
+    args = ap.parse_args(argv)
+    if args.report:
+        print(report())
+        return 0
+    if args.arm is None:
+        ap.error("give --arm (or --report)")
+    run(args.arm, args.seeds, args.n_cells, args.epochs)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
