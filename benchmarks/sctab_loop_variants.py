@@ -36,6 +36,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import sctab_vs_pytorch_tabnet as bench  # noqa: E402
+from sctab_same_loop import parse_seeds  # noqa: E402
 
 OUT = HERE / "out" / "sctab_loop_variants.jsonl"
 ARMS = ("ours_in_their_loop", "plain", "torchorder")
@@ -206,22 +207,10 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def _seeds(text: str) -> list[int]:
-    try:
-        if "-" in text:
-            lo, hi = (int(t) for t in text.split("-", 1))
-            return list(range(lo, hi + 1))
-        return [int(t) for t in text.split(",")]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(
-            f"--seeds {text!r}: use a range like 0-9 or a list like 0,1,5"
-        ) from err
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arm", choices=ARMS)
-    ap.add_argument("--seeds", type=_seeds, default=_seeds("0-9"))
+    ap.add_argument("--seeds", type=parse_seeds, default=parse_seeds("0-9"))
     ap.add_argument("--n-cells", type=int, default=30000)
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--report", action="store_true", help="print the comparison table only")
