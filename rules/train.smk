@@ -35,6 +35,9 @@ rule train:
         runtime=lambda w: BENCH.method_resource(w.method, "runtime"),
         cpus_per_task=lambda w: BENCH.method_resource(w.method, "cpus_per_task"),
         gpu=lambda w: BENCH.method_resource(w.method, "gpu"),
+        # any other resource a method's config names (slurm_partition, slurm_account, qos,
+        # constraint, gpu_model, slurm_extra, ...), for that method's jobs only
+        **BENCH.extra_resources(),
     log:
         "logs/train/{task}/{method}/{balancing}/{replicate}.log",
     benchmark:

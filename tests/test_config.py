@@ -1,4 +1,8 @@
 import copy
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -143,3 +147,64 @@ def test_external_balancer_spec(cfg):
         "params": {},
     }
     assert bench.balancing_spec("smote") == {"strategy": "smote", "name": "smote"}
+
+
+def test_extra_method_resources_reach_only_that_methods_training_jobs(cfg):
+    cfg = copy.deepcopy(cfg)
+    cfg["methods"]["sctab"]["resources"] = {"gpu": 1, "slurm_partition": "gpu", "qos": "long"}
+    cfg["methods"]["majority"]["resources"] = {"slurm_partition": "cpu"}
+    validate(cfg, SCHEMA)
+    bench = WorkflowConfig.from_dict(cfg)
+    assert bench.extra_resource_names() == ["qos", "slurm_partition"]  # gpu is declared anyway
+    extra = bench.extra_resources()
+
+    class W:  # the wildcards Snakemake passes
+        def __init__(self, method: str) -> None:
+            self.method = method
+
+    assert extra["slurm_partition"](W("sctab")) == "gpu"
+    assert extra["slurm_partition"](W("majority")) == "cpu"
+    assert extra["slurm_partition"](W("linear")) is None  # left out of that job
+    assert extra["qos"](W("sctab")) == "long" and extra["qos"](W("majority")) is None
+    plain = WorkflowConfig.from_dict(yaml.safe_load((ROOT / "config.yaml").read_text()))
+    assert plain.extra_resources() == {}
+
+
+def test_dry_run_gives_the_training_job_its_methods_slurm_partition(tmp_path):
+    for item in ["Snakefile", "rules", "scripts", "config", "report", "envs"]:
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / item)
+    config = {
+        "seed": 0,
+        "datasets": {"pbmc68k": {"source": {"kind": "pbmc68k"}}},
+        "tasks": {
+            "pbmc68k": {
+                "dataset": "pbmc68k",
+                "split": {"kind": "stratified_kfold", "n_folds": 2},
+                "methods": ["majority", "linear"],
+            }
+        },
+        "methods": {"majority": {}, "linear": {"resources": {"slurm_partition": "gpu"}}},
+        "balancing": {"default": ["native"]},
+        "reproduction": {"published": None},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    snakemake = str(Path(sys.executable).with_name("snakemake"))
+    res = subprocess.run(
+        [snakemake, "-n", "--cores", "1", "results/pbmc68k/linear/class_weight/r0/run.json"]
+        + ["results/pbmc68k/majority/none/r0/run.json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
+    jobs = {}
+    for block in (res.stdout + res.stderr).split("rule ")[1:]:
+        out = re.search(r"output: (\S+)", block)
+        if out and "/run.json" in block:
+            jobs[out.group(1)] = block
+    linear = next(b for o, b in jobs.items() if "/linear/" in o)
+    majority = next(b for o, b in jobs.items() if "/majority/" in o)
+    assert "slurm_partition=gpu" in linear
+    assert "slurm_partition" not in majority

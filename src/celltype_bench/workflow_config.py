@@ -14,6 +14,8 @@ from .errors import InputError
 
 NAME_REGEX = r"[A-Za-z0-9][A-Za-z0-9_-]*"
 DEFAULT_RESOURCES = {"mem_mb": 4000, "runtime": 60}
+TRAIN_RESOURCES = ("mem_mb", "runtime", "cpus_per_task", "gpu")
+"""Resources every training job declares (rules/train.smk); others come from the config."""
 
 
 @dataclass
@@ -261,8 +263,9 @@ class WorkflowConfig:
         method's ``threads``, and ``gpu``: 1 for torch methods (registry classes subclassing
         :class:`~celltype_bench.methods.base.TorchMethod`), 0 for the others. Config
         ``methods.<key>.resources`` overrides any of them (``gpu: 0`` keeps a torch method off
-        GPUs) and may add more. The SLURM executor turns ``gpu: N`` into ``--gpus=N``; the
-        local executor ignores ``gpu`` unless ``--resources gpu=N`` declares a pool.
+        GPUs) and may add more (:meth:`extra_resources`, e.g. ``slurm_partition``). The SLURM
+        executor turns ``gpu: N`` into ``--gpus=N``; the local executor ignores ``gpu`` unless
+        ``--resources gpu=N`` declares a pool.
         """
         from .methods.base import TorchMethod
 
@@ -284,6 +287,34 @@ class WorkflowConfig:
     def method_resource(self, key: str, name: str) -> Any:
         """One resource of :meth:`method_resources` (None when neither set nor defaulted)."""
         return self.method_resources(key).get(name)
+
+    def extra_resource_names(self) -> list[str]:
+        """Resource names some method's config sets beyond :data:`TRAIN_RESOURCES`, sorted.
+
+        E.g. ``slurm_partition``, ``slurm_account``, ``qos``, ``constraint``, ``gpu_model`` or
+        ``slurm_extra`` for the SLURM executor: the training rule declares each of them.
+        """
+        names = {
+            str(name)
+            for spec in self.methods.values()
+            for name in (spec.get("resources") or {})
+            if name not in TRAIN_RESOURCES
+        }
+        return sorted(names)
+
+    def extra_resources(self) -> dict[str, Any]:
+        """Training-rule resources for :meth:`extra_resource_names`: ``name -> f(wildcards)``.
+
+        Each function returns the job's method's value, or None for a method that does not set
+        it; Snakemake then leaves that resource out of the job. A method without the resource
+        therefore does not get a profile's ``default-resources`` value of it either: where one
+        method sets ``slurm_partition``, set it for the methods that need another partition
+        than SLURM's default too.
+        """
+        return {
+            name: (lambda wildcards, _name=name: self.method_resource(wildcards.method, _name))
+            for name in self.extra_resource_names()
+        }
 
     def method_class(self, key: str) -> Any:
         """The registry class of a Python method key (None for external methods)."""
