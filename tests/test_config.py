@@ -1,14 +1,14 @@
 import copy
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
+from test_slurm import TINY
+from test_workflow_e2e import SNAKEMAKE, _copy_workflow
 
 from celltype_bench.errors import InputError
 from celltype_bench.workflow_config import WorkflowConfig
@@ -171,27 +171,12 @@ def test_extra_method_resources_reach_only_that_methods_training_jobs(cfg):
 
 
 def test_dry_run_gives_the_training_job_its_methods_slurm_partition(tmp_path):
-    for item in ["Snakefile", "rules", "scripts", "config", "report", "envs"]:
-        src = ROOT / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / item)
-    config = {
-        "seed": 0,
-        "datasets": {"pbmc68k": {"source": {"kind": "pbmc68k"}}},
-        "tasks": {
-            "pbmc68k": {
-                "dataset": "pbmc68k",
-                "split": {"kind": "stratified_kfold", "n_folds": 2},
-                "methods": ["majority", "linear"],
-            }
-        },
-        "methods": {"majority": {}, "linear": {"resources": {"slurm_partition": "gpu"}}},
-        "balancing": {"default": ["native"]},
-        "reproduction": {"published": None},
-    }
+    _copy_workflow(tmp_path)
+    config = copy.deepcopy(TINY)  # majority and linear on pbmc68k
+    config["methods"]["linear"]["resources"]["slurm_partition"] = "gpu"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    snakemake = str(Path(sys.executable).with_name("snakemake"))
     res = subprocess.run(
-        [snakemake, "-n", "--cores", "1", "results/pbmc68k/linear/class_weight/r0/run.json"]
+        [SNAKEMAKE, "-n", "--cores", "1", "results/pbmc68k/linear/class_weight/r0/run.json"]
         + ["results/pbmc68k/majority/none/r0/run.json"],
         cwd=tmp_path,
         capture_output=True,
