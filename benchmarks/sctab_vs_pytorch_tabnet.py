@@ -569,7 +569,7 @@ def markdown(result: dict[str, Any]) -> str:
         "AdamW lr 0.005 wd 0.05, StepLR 0.9, clip 1.0, batch 2048), no augmentation, "
         f"{args['epochs']} epochs, best validation macro F1 restored; CPU, "
         f"{args['threads']} torch threads; {args['repeats']} repeats (seeds "
-        f"{args.get('first_seed', 0)}-{args.get('first_seed', 0) + args['repeats'] - 1}), the "
+        f"{seed_ranges(args)}), the "
         "two arms alternating "
         + (
             f"within each of {args['processes']} processes (one per seed range, merged)."
@@ -751,12 +751,25 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
         **merged["args"],
         "repeats": len(seeds),
         "first_seed": seeds[0],
+        "seeds": seeds,
         "processes": sum(r["args"].get("processes", 1) for r in results),
     }
     merged["summary"] = summarise(merged["runs"])  # columns added since it was saved
     if len(results) > 1:
         merged["command"] = " + ".join(r["command"] for r in results) + " (merged with --from-json)"
     return merged
+
+
+def seed_ranges(args: dict[str, Any]) -> str:
+    """The run's seeds as ranges, e.g. ``0-39, 48-51`` (merged runs may leave gaps)."""
+    first = int(args.get("first_seed", 0))
+    seeds = sorted(args.get("seeds") or range(first, first + int(args["repeats"])))
+    parts, start = [], seeds[0]
+    for prev, cur in zip(seeds, seeds[1:] + [None], strict=True):
+        if cur != prev + 1:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(parts)
 
 
 def _non_negative_int(text: str) -> int:
