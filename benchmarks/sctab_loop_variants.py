@@ -10,7 +10,10 @@ that benchmark (``benchmarks/out/sctab_vs_pytorch_tabnet*.json``):
 - ``plain``: our arm with the for-loop AdamW (not the fused kernel) and torch's default
   (non-deterministic) mode, as pytorch-tabnet's loop runs;
 - ``torchorder``: our arm with each epoch's batch order drawn by ``torch.randperm`` (as a
-  DataLoader's RandomSampler) instead of numpy's ``Generator.permutation``.
+  DataLoader's RandomSampler) instead of numpy's ``Generator.permutation``;
+- ``torchbn``: our arm with torch's ``BatchNorm1d`` on the input, as pytorch-tabnet's network,
+  instead of the normalisation folded into the first Linear (the same function, rounded as
+  pytorch-tabnet rounds it).
 
 One json line per fit is appended to ``benchmarks/out/sctab_loop_variants.jsonl``; a rerun skips
 the fits already there. ``--report`` prints the comparison table (markdown).
@@ -39,7 +42,7 @@ import sctab_vs_pytorch_tabnet as bench  # noqa: E402
 from sctab_same_loop import parse_seeds  # noqa: E402
 
 OUT = HERE / "out" / "sctab_loop_variants.jsonl"
-ARMS = ("ours_in_their_loop", "plain", "torchorder")
+ARMS = ("ours_in_their_loop", "plain", "torchorder", "torchbn")
 
 
 def _patch_their_loop() -> None:
@@ -80,11 +83,22 @@ def _patch_their_loop() -> None:
 
 
 def _patch_our_loop(arm: str) -> None:
-    """Change one detail of ``fit_torch`` as our sctab arm calls it."""
+    """Change one detail of our sctab arm: its loop (``fit_torch``) or its input normalisation."""
     import torch
 
     import celltype_bench.methods.base as base
 
+    if arm == "torchbn":
+        from celltype_bench.methods.tabnet import TabNet
+
+        run_network = TabNet._run
+
+        def run_unfolded(self: Any, x: Any) -> Any:
+            # an input that requires grad takes TabNet's unfolded path (initial_bn on x)
+            return run_network(self, x.detach().requires_grad_(True))
+
+        TabNet._run = run_unfolded
+        return
     fit_torch = base.fit_torch
 
     def fit(*args: Any, **kwargs: Any) -> Any:
