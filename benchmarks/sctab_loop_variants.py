@@ -214,7 +214,8 @@ def report() -> str:
             )
         )
         lines.append(
-            f"| {arm} | {seeds[0]}-{seeds[-1]} ({len(seeds)}) | {statistics.fmean(x):.4f} | "
+            f"| {arm} | {bench.seed_ranges({'seeds': seeds})} ({len(seeds)}) | "
+            f"{statistics.fmean(x):.4f} | "
             f"{statistics.fmean(o):.4f} | {statistics.fmean(p):.4f} | {diff(x, o)} | "
             f"{diff(x, p)} | {curves} |"
         )
