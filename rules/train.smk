@@ -29,15 +29,10 @@ rule train:
         method=BENCH.python_method_regex,
     threads: lambda w: BENCH.method_threads(w.method)
     resources:
-        # from the workflow config: methods.<name>.resources (BENCH.method_resources); torch
-        # methods ask for one GPU unless it says gpu: 0 (ignored by the local executor)
-        mem_mb=lambda w: BENCH.method_resource(w.method, "mem_mb"),
-        runtime=lambda w: BENCH.method_resource(w.method, "runtime"),
-        cpus_per_task=lambda w: BENCH.method_resource(w.method, "cpus_per_task"),
-        gpu=lambda w: BENCH.method_resource(w.method, "gpu"),
-        # any other resource a method's config names (slurm_partition, slurm_account, qos,
-        # constraint, gpu_model, slurm_extra, ...), for that method's jobs only
-        **BENCH.extra_resources(),
+        # from the workflow config, per method (BENCH.method_resources): mem_mb, runtime,
+        # cpus_per_task, gpu (torch methods ask for one GPU unless it says gpu: 0; ignored by
+        # the local executor) and any other resource it names (slurm_partition, qos, ...)
+        **BENCH.train_resources(),
     log:
         "logs/train/{task}/{method}/{balancing}/{replicate}.log",
     benchmark:

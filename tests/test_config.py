@@ -156,7 +156,7 @@ def test_extra_method_resources_reach_only_that_methods_training_jobs(cfg):
     validate(cfg, SCHEMA)
     bench = WorkflowConfig.from_dict(cfg)
     assert bench.extra_resource_names() == ["qos", "slurm_partition"]  # gpu is declared anyway
-    extra = bench.extra_resources()
+    extra = bench.train_resources()
 
     class W:  # the wildcards Snakemake passes
         def __init__(self, method: str) -> None:
@@ -166,8 +166,9 @@ def test_extra_method_resources_reach_only_that_methods_training_jobs(cfg):
     assert extra["slurm_partition"](W("majority")) == "cpu"
     assert extra["slurm_partition"](W("linear")) is None  # left out of that job
     assert extra["qos"](W("sctab")) == "long" and extra["qos"](W("majority")) is None
+    assert extra["gpu"](W("sctab")) == 1 and extra["gpu"](W("majority")) == 0
     plain = WorkflowConfig.from_dict(yaml.safe_load((ROOT / "config.yaml").read_text()))
-    assert plain.extra_resources() == {}
+    assert list(plain.train_resources()) == ["mem_mb", "runtime", "cpus_per_task", "gpu"]
 
 
 def test_dry_run_gives_the_training_job_its_methods_slurm_partition(tmp_path):

@@ -15,7 +15,7 @@ from .errors import InputError
 NAME_REGEX = r"[A-Za-z0-9][A-Za-z0-9_-]*"
 DEFAULT_RESOURCES = {"mem_mb": 4000, "runtime": 60}
 TRAIN_RESOURCES = ("mem_mb", "runtime", "cpus_per_task", "gpu")
-"""Resources every training job declares (rules/train.smk); others come from the config."""
+"""Resources every training job declares (rules/train.smk); the config may name more."""
 
 
 @dataclass
@@ -263,7 +263,7 @@ class WorkflowConfig:
         method's ``threads``, and ``gpu``: 1 for torch methods (registry classes subclassing
         :class:`~celltype_bench.methods.base.TorchMethod`), 0 for the others. Config
         ``methods.<key>.resources`` overrides any of them (``gpu: 0`` keeps a torch method off
-        GPUs) and may add more (:meth:`extra_resources`, e.g. ``slurm_partition``). The SLURM
+        GPUs) and may add more (:meth:`train_resources`, e.g. ``slurm_partition``). The SLURM
         executor turns ``gpu: N`` into ``--gpus=N``; the local executor ignores ``gpu`` unless
         ``--resources gpu=N`` declares a pool.
         """
@@ -302,18 +302,19 @@ class WorkflowConfig:
         }
         return sorted(names)
 
-    def extra_resources(self) -> dict[str, Any]:
-        """Training-rule resources for :meth:`extra_resource_names`: ``name -> f(wildcards)``.
+    def train_resources(self) -> dict[str, Any]:
+        """The training rule's resources: ``name -> f(wildcards)`` for :data:`TRAIN_RESOURCES`
+        and :meth:`extra_resource_names`.
 
-        Each function returns the job's method's value, or None for a method that does not set
-        it; Snakemake then leaves that resource out of the job. A method without the resource
-        therefore does not get a profile's ``default-resources`` value of it either: where one
-        method sets ``slurm_partition``, set it for the methods that need another partition
-        than SLURM's default too.
+        Each function returns the job's method's value (:meth:`method_resource`), or None for
+        a method that neither sets nor defaults it; Snakemake then leaves that resource out of
+        the job. Such a job therefore does not get a profile's ``default-resources`` value of
+        it either: where one method sets ``slurm_partition``, set it for the methods that need
+        another partition than SLURM's default too.
         """
         return {
             name: (lambda wildcards, _name=name: self.method_resource(wildcards.method, _name))
-            for name in self.extra_resource_names()
+            for name in (*TRAIN_RESOURCES, *self.extra_resource_names())
         }
 
     def method_class(self, key: str) -> Any:
