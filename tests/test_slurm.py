@@ -1,11 +1,14 @@
 """`snakemake --profile slurm` on a real scheduler (issue 9).
 
 A single-node SLURM cluster on loopback (tools/slurm/start.sh: Debian's slurmctld, slurmd and
-munge, one GPU declared through gres on /dev/null) runs a small slice of the workflow with
-`snakemake --profile slurm` (the repository's slurm/config.yaml; a few options below only make
-it faster): fetch (a local rule: downloads run where snakemake runs), preprocess and split of one task, the training of a torch method (asks for
-a GPU) and of a control (does not), and the scoring of both. About 3.5 minutes, mostly the plugin's status polling and the
-Snakemake start-up inside each job; tools/slurm/stop.sh stops the daemons by PID.
+munge, one GPU declared through gres on /dev/null, partitions `local` (the default) and `gpu`)
+runs a small slice of the workflow with `snakemake --profile slurm` (the repository's
+slurm/config.yaml; a few options below only make it faster): fetch (a local rule: downloads
+run where snakemake runs), preprocess and split of one task, the training of a torch method
+(asks for a GPU, on its own partition from the workflow config) and of a control (no GPU, the
+default partition), and the scoring of both. About 3.5 minutes, mostly the plugin's status
+polling and the Snakemake start-up inside each job; tools/slurm/stop.sh stops the daemons by
+PID.
 
 Needs root (the daemons, apt-get): skipped otherwise, or when SLURM is missing and there is no
 apt-get to install it. Any other problem fails. Deselect with ``-m "not slurm"``.
@@ -49,11 +52,11 @@ TINY = {
     },
     "methods": {
         "majority": {},
-        # resources from the workflow config reach sbatch (-t 10, --mem 1500); gpu stays the
-        # torch default (1)
+        # resources from the workflow config reach sbatch (-t 10, --mem 1500, -p gpu: the
+        # second partition of tools/slurm/start.sh); gpu stays the torch default (1)
         "linear": {
             "params": {"epochs": 3, "batch_size": 64, "lr": 0.01},
-            "resources": {"runtime": 10, "mem_mb": 1500},
+            "resources": {"runtime": 10, "mem_mb": 1500, "slurm_partition": "gpu"},
         },
     },
     "balancing": {"default": ["native"]},
@@ -191,4 +194,6 @@ def test_torch_training_asks_for_the_gpu_and_the_control_does_not(slurm_run):
     # the method's resources from the workflow config, and the profile's defaults
     assert linear["TimeLimit"] == "00:10:00" and "mem=1500M" in linear["TRES"]
     assert majority["TimeLimit"] == "01:00:00" and "mem=4000M" in majority["TRES"]
-    assert linear["Partition"] == "local"  # the cluster's default partition (profile sets none)
+    # the method's own partition; the control's job names none and gets the cluster's default
+    assert linear["Partition"] == "gpu", linear
+    assert majority["Partition"] == "local", majority

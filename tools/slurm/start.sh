@@ -12,8 +12,9 @@
 #   - one node "localhost" (127.0.0.1) with all CPUs, $MEM_MB of memory and one GPU declared
 #     on /dev/null (jobs asking for --gpus=1 get scheduled; there is no real GPU, and
 #     CUDA_VISIBLE_DEVICES=0 is set anyway: code must ask torch.cuda.is_available());
-#   - one partition, $PARTITION, Default=YES (slurm/config.yaml names no partition: jobs go
-#     to the default one);
+#   - two partitions on that node: $PARTITION, Default=YES (slurm/config.yaml names no
+#     partition: jobs go to the default one), and $GPU_PARTITION, for trying a per-method
+#     partition (`methods.<name>.resources.slurm_partition: gpu` in the workflow config);
 #   - no accounting database: `sacct` does not work (the profile uses squeue for job status);
 #     finished jobs are recorded one line each in $STATE_DIR/log/jobcomp.log;
 #   - state, spool, logs and PID files in $STATE_DIR; munged, slurmctld and slurmd run as
@@ -22,7 +23,8 @@
 #
 # Settings (environment variables):
 #   CELLTYPE_BENCH_SLURM_DIR        state directory        (default /tmp/celltype-bench-slurm)
-#   CELLTYPE_BENCH_SLURM_PARTITION  partition name         (default local)
+#   CELLTYPE_BENCH_SLURM_PARTITION  default partition      (default local)
+#   CELLTYPE_BENCH_SLURM_GPU_PARTITION  second partition   (default gpu)
 #   CELLTYPE_BENCH_SLURM_CPUS       CPUs of the node       (default: nproc)
 #   CELLTYPE_BENCH_SLURM_MEM_MB     memory of the node, MB (default: 90% of RAM; at most the
 #                                   machine's, or slurmd drains the node)
@@ -35,6 +37,7 @@ set -euo pipefail
 
 STATE_DIR="${CELLTYPE_BENCH_SLURM_DIR:-/tmp/celltype-bench-slurm}"
 PARTITION="${CELLTYPE_BENCH_SLURM_PARTITION:-local}"
+GPU_PARTITION="${CELLTYPE_BENCH_SLURM_GPU_PARTITION:-gpu}"
 CPUS="${CELLTYPE_BENCH_SLURM_CPUS:-$(nproc)}"
 GPUS="${CELLTYPE_BENCH_SLURM_GPUS:-1}"
 TIMEOUT="${CELLTYPE_BENCH_SLURM_TIMEOUT:-60}"
@@ -100,6 +103,11 @@ fi
 
 # ---- already running? ------------------------------------------------------------------------
 if alive slurmctld && alive slurmd; then
+    for part in "$PARTITION" "$GPU_PARTITION"; do
+        if [[ -z $(sinfo -h -p "$part" -o %P 2>/dev/null) ]]; then
+            die "a cluster started earlier is running without partition $part: run tools/slurm/stop.sh, then this script again"
+        fi
+    done
     say "already running (state in $STATE_DIR)"
     exit 0
 fi
@@ -157,6 +165,7 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$LOG/jobcomp.log
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB Gres=gpu:$GPUS State=UNKNOWN
 PartitionName=$PARTITION Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+PartitionName=$GPU_PARTITION Nodes=localhost Default=NO MaxTime=INFINITE State=UP
 EOF
 
 {
@@ -236,5 +245,5 @@ while :; do
     ((SECONDS < deadline)) || fail "node not idle after ${TIMEOUT}s (state: ${state:-unknown})"
     sleep 0.5
 done
-say "node localhost idle: partition $PARTITION, $CPUS CPUs, $MEM_MB MB, gpu:$GPUS (File=/dev/null)"
+say "node localhost idle: partitions $PARTITION (default) and $GPU_PARTITION, $CPUS CPUs, $MEM_MB MB, gpu:$GPUS (File=/dev/null)"
 say "state and logs in $STATE_DIR; stop with tools/slurm/stop.sh"
