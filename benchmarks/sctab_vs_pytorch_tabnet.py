@@ -114,6 +114,25 @@ class Meter:
         self.other_share = max(0.0, other / (self.wall * (os.cpu_count() or 1)))
 
 
+def git_commit() -> str | None:
+    """The repository's HEAD commit (with ``+`` when the work tree has changes), or None."""
+    import subprocess
+
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", ":/src"],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return None
+    return (head + ("+" if dirty else "")) or None
+
+
 def make_data(n_cells: int, data_seed: int, extra_test_cells: int = 0) -> dict[str, Any]:
     """census-like data, preprocessed, split 80/10/10 (stratified).
 
@@ -862,6 +881,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}, Python {platform.python_version()}",
         "command": " ".join(cmd),
+        "commit": git_commit(),
     }
     table = markdown(result)
     print(table)

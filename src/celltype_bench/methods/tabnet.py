@@ -30,14 +30,18 @@ chunk (TabNet's loop). In evaluation the running statistics of the whole data ar
 Speed (the same function as pytorch-tabnet's network with the same weights, computed with
 less work; tests/test_sctab.py compares the two):
 
-- Input batch norm folded into the first Linear: ``BN(x) = x * a + c`` per feature, so the
-  splitter's first layer is ``x @ (W * a).T + W @ c`` and needs no gradient with respect to
-  the (dense, constant) input.
 - Sparse masks stay sparse: the attention mask comes out of 1.5-entmax in compact form (the
   selected features of each cell, found by a partial sort), its entropy is computed on those
   entries only, and when the masks select few features (at most ``n_features /
   sparse_input_ratio`` per cell) the step's first Linear sums the selected columns only
   (:class:`MaskedLinear`) instead of multiplying a mostly-zero dense matrix.
+
+The input batch norm is torch's ``BatchNorm1d`` applied to the input, as in pytorch-tabnet.
+An earlier version folded it into the splitter's first Linear (``BN(x) @ W.T == x @ (W *
+a).T + W @ c``, so no gradient with respect to the input was needed): the same function and
+about 4% faster per epoch, but rounded otherwise in float32, and on the benchmark data it
+trained more slowly in the early epochs and scored lower (benchmarks/results/
+sctab_loop_variants.md, arm ``torchbn``).
 """
 
 from __future__ import annotations
@@ -372,64 +376,19 @@ class TabNet(nn.Module):
             sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
         )
 
-    def _input_affine(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(a, c)`` with ``initial_bn(x) == x * a + c`` per feature (``x`` without gradient).
-
-        In training the batch statistics are used and the running statistics updated exactly
-        as ``BatchNorm1d`` does; in evaluation the running statistics.
-        """
-        bn = self.initial_bn
-        mean, var = bn.running_mean, bn.running_var
-        assert mean is not None and var is not None
-        if self.training:
-            n = x.shape[0]
-            if n < 2:
-                raise ValueError("TabNet needs at least 2 cells per training batch")
-            with torch.no_grad():  # column sums: several times faster than var_mean(x, 0)
-                mean = x.sum(dim=0).div_(n)
-                xc = x - mean
-                var = (xc * xc).sum(dim=0).div_(n)
-                m = float(bn.momentum if bn.momentum is not None else 0.1)
-                bn.running_mean.mul_(1.0 - m).add_(mean, alpha=m)
-                bn.running_var.mul_(1.0 - m).add_(var, alpha=m * n / (n - 1))
-                bn.num_batches_tracked.add_(1)
-        a = bn.weight * torch.rsqrt(var + bn.eps)
-        return a, bn.bias - mean * a
-
-    def _step_input(
-        self,
-        ft: FeatureTransformer,
-        x: Tensor,
-        affine: tuple[Tensor, Tensor] | None,
-        p: Tensor,
-        idx: Tensor,
-    ) -> Tensor:
-        """The step's feature transformer applied to the masked input ``M * BN(x)``.
-
-        ``affine``: ``(a, c)`` when ``x`` is the raw input (``BN(x) = x * a + c``), None when
-        ``x`` is already normalised.
-        """
+    def _step_input(self, ft: FeatureTransformer, x: Tensor, p: Tensor, idx: Tensor) -> Tensor:
+        """The step's feature transformer applied to the masked normalised input ``M * x``."""
         if p.shape[1] * self.sparse_input_ratio <= self.n_features:
-            xs = x.gather(1, idx)
-            if affine is not None:
-                xs = xs * affine[0][idx] + affine[1][idx]
-            proj = masked_linear(p * xs, idx, ft.first_fc.weight)
+            proj = masked_linear(p * x.gather(1, idx), idx, ft.first_fc.weight)
             return ft(proj, projected=True)
-        xn = x if affine is None else torch.addcmul(affine[1], x, affine[0])
-        return ft(to_dense(p, idx, self.n_features) * xn)
+        return ft(to_dense(p, idx, self.n_features) * x)
 
     def _run(self, x: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]], Tensor]:
         """Logits, compact step masks and the sparsity loss."""
-        affine: tuple[Tensor, Tensor] | None = None
-        if x.requires_grad:
-            x = self.initial_bn(x)
-            att = self.initial_splitter(x)[:, self.n_d :]
-        else:
-            # BN(x) @ W.T == x @ (W * a).T + W @ c: no gradient w.r.t. the dense input needed
-            affine = a, c = self._input_affine(x)
-            weight = self.initial_splitter.first_fc.weight
-            proj = F.linear(x, weight * a, weight @ c)
-            att = self.initial_splitter(proj, projected=True)[:, self.n_d :]
+        if self.training and x.shape[0] < 2:
+            raise ValueError("TabNet needs at least 2 cells per training batch")
+        x = self.initial_bn(x)
+        att = self.initial_splitter(x)[:, self.n_d :]
         prior: Tensor | None = None
         decision: Tensor | None = None
         masks: list[tuple[Tensor, Tensor]] = []
@@ -441,7 +400,7 @@ class TabNet(nn.Module):
             if step + 1 < self.n_steps:
                 m = to_dense(p, idx, self.n_features)
                 prior = (self.relaxation - m) if prior is None else prior * (self.relaxation - m)
-            out = self._step_input(self.feat_transformers[step], x, affine, p, idx)
+            out = self._step_input(self.feat_transformers[step], x, p, idx)
             d = F.relu(out[:, : self.n_d])
             decision = d if decision is None else decision + d
             att = out[:, self.n_d :]
