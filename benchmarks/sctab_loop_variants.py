@@ -162,8 +162,13 @@ def _records() -> list[dict[str, Any]]:
 
 
 def _saved_benchmark() -> dict[str, dict[int, dict[str, Any]]]:
-    """Per arm and seed, the runs of ``sctab_vs_pytorch_tabnet.py`` (30,000 cells, 30 epochs)."""
-    runs: dict[str, dict[int, dict[str, Any]]] = {"ours": {}, "pytorch_tabnet": {}}
+    """Per arm and seed, the runs of ``sctab_vs_pytorch_tabnet.py`` (30,000 cells, 30 epochs).
+
+    ``ours``: our arm with the folded input normalisation (results without a ``commit``, all
+    written before 2026-11-30); ``current``: our arm of the results that name their commit
+    (the current network); ``pytorch_tabnet``: all of pytorch-tabnet's runs.
+    """
+    runs: dict[str, dict[int, dict[str, Any]]] = {"ours": {}, "pytorch_tabnet": {}, "current": {}}
     for path in sorted(glob.glob(str(HERE / "out" / "sctab_vs_pytorch_tabnet*.json"))):
         result = json.loads(Path(path).read_text())
         args = result["args"]
@@ -171,9 +176,45 @@ def _saved_benchmark() -> dict[str, dict[int, dict[str, Any]]]:
         if args.get("extra_test_cells") or setting != (30000, 30, 0):
             continue
         for arm, rs in result["runs"].items():
+            key = "current" if arm == "ours" and result.get("commit") else arm
             for r in rs:
-                runs[arm][int(r["seed"])] = r
+                runs[key][int(r["seed"])] = r
     return runs
+
+
+def current_vs_pytorch_tabnet() -> str:
+    """Markdown: the current network's test macro F1 against pytorch-tabnet's, every seed.
+
+    The current network's fits are the ``torchbn`` fits (the same computation: seed 0 gives
+    the identical F1) and the benchmark runs that name their commit.
+    """
+    saved = _saved_benchmark()
+    mine = {
+        r["seed"]: r["macro_f1"]
+        for r in _records()
+        if r["arm"] == "torchbn" and (r["n_cells"], r["epochs"]) == (30000, 30)
+    }
+    mine.update({s: r["macro_f1"] for s, r in saved["current"].items()})
+    seeds = sorted(s for s in mine if s in saved["pytorch_tabnet"])
+    if len(seeds) < 2:
+        return ""
+    a = [mine[s] for s in seeds]
+    b = [saved["pytorch_tabnet"][s]["macro_f1"] for s in seeds]
+    se = math.sqrt((statistics.variance(a) + statistics.variance(b)) / len(seeds))
+    lo, hi = bench.welch_ci95(a, b)
+    lower = sum(x < y for x, y in zip(a, b, strict=True))
+    return "\n".join(
+        [
+            "| seeds | current network | pytorch-tabnet | difference | 95% interval "
+            "| current lower in |",
+            "|---|---:|---:|---:|---|---:|",
+            f"| {bench.seed_ranges({'seeds': seeds})} ({len(seeds)}) | "
+            f"{statistics.fmean(a):.4f} +- {statistics.stdev(a):.4f} | "
+            f"{statistics.fmean(b):.4f} +- {statistics.stdev(b):.4f} | "
+            f"{statistics.fmean(a) - statistics.fmean(b):+.4f} +- {se:.4f} | "
+            f"{lo:+.4f} to {hi:+.4f} | {lower} of {len(seeds)} |",
+        ]
+    )
 
 
 def report() -> str:
@@ -234,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.report:
         print(report())
+        pooled = current_vs_pytorch_tabnet()
+        if pooled:
+            print("\nCurrent network (torchbn fits and benchmark runs at a named commit):\n")
+            print(pooled)
         return 0
     if args.arm is None:
         ap.error("give --arm (or --report)")
