@@ -282,6 +282,32 @@ def test_tabnet_equals_pytorch_tabnet_with_the_same_weights(ratio):
         torch.testing.assert_close(param.grad, theirs, atol=1e-5, rtol=1e-3)
 
 
+def test_splitter_gets_the_input_batch_norm_output_as_torch_computes_it():
+    """The first Linear sees ``BatchNorm1d(x)`` itself, rounded as torch (and pytorch-tabnet)
+    round it: not a form folded into the Linear, which computes the same function but trained
+    more slowly (benchmarks/results/sctab_loop_variants.md, arm torchbn)."""
+    model = sparse_model()
+    ref = torch.nn.BatchNorm1d(40, momentum=model.initial_bn.momentum)
+    with torch.no_grad():
+        model.initial_bn.weight.uniform_(0.5, 2)
+        model.initial_bn.bias.uniform_(-1, 1)
+    ref.load_state_dict(model.initial_bn.state_dict())
+    seen: list = []
+    fc = model.initial_splitter.first_fc
+    handle = fc.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
+    try:
+        x = torch.rand(64, 40) * 4
+        for train in (True, False):
+            model.train(train)
+            ref.train(train)
+            seen.clear()
+            model(x)
+            assert torch.equal(seen[0], ref(x).detach())
+    finally:
+        handle.remove()
+    torch.testing.assert_close(model.initial_bn.running_mean, ref.running_mean, rtol=0, atol=0)
+
+
 def test_masks_gate_the_inputs_reaching_the_classifier():
     model = sparse_model().eval()
     x = torch.rand(64, 40) * 4
