@@ -39,7 +39,7 @@ less work; tests/test_sctab.py compares the two):
 The input batch norm is torch's ``BatchNorm1d`` applied to the input, as in pytorch-tabnet.
 An earlier version folded it into the splitter's first Linear (``BN(x) @ W.T == x @ (W *
 a).T + W @ c``, so no gradient with respect to the normalised input was needed): the same
-function and 4 to 6% faster per epoch, but rounded otherwise in float32, and on the benchmark
+function and 3 to 6% faster per epoch, but rounded otherwise in float32, and on the benchmark
 data it trained more slowly in the early epochs and its test macro F1 was 0.021 below
 pytorch-tabnet's over 44 seeds, against 0.004 below now over 48
 (benchmarks/results/sctab_vs_pytorch_tabnet.md, sctab_loop_variants.md arm ``torchbn``).
