@@ -131,6 +131,7 @@ def run(arm: str, seeds: list[int], n_cells: int, epochs: int) -> None:
         _patch_our_loop(arm)
         runner = bench.run_ours
     data = bench.make_data(n_cells, 0)
+    commit = bench.git_commit()
     for seed in seeds:
         # read before every fit: another process may be working through the same seeds
         done = {(r["arm"], r["seed"], r["n_cells"], r["epochs"]) for r in _records()}
@@ -147,7 +148,7 @@ def run(arm: str, seeds: list[int], n_cells: int, epochs: int) -> None:
             "val_f1": r["val_f1"],
             "epoch_s": bench.per_epoch(r),
             "fit_s": time.perf_counter() - t0,
-            "commit": bench.git_commit(),
+            "commit": commit,
         }
         print(f"{arm} seed {seed}: test macro F1 {rec['macro_f1']:.4f}", flush=True)
         OUT.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +183,12 @@ def _saved_benchmark() -> dict[str, dict[int, dict[str, Any]]]:
     return runs
 
 
+def _diff(a: list[float], b: list[float]) -> str:
+    """``mean(a) - mean(b) +- standard error`` (unpaired, equal sizes)."""
+    se = math.sqrt((statistics.variance(a) + statistics.variance(b)) / len(a))
+    return f"{statistics.fmean(a) - statistics.fmean(b):+.4f} +- {se:.4f}"
+
+
 def current_vs_pytorch_tabnet() -> str:
     """Markdown: the current network's test macro F1 against pytorch-tabnet's, every seed.
 
@@ -200,7 +207,6 @@ def current_vs_pytorch_tabnet() -> str:
         return ""
     a = [mine[s] for s in seeds]
     b = [saved["pytorch_tabnet"][s]["macro_f1"] for s in seeds]
-    se = math.sqrt((statistics.variance(a) + statistics.variance(b)) / len(seeds))
     lo, hi = bench.welch_ci95(a, b)
     lower = sum(x < y for x, y in zip(a, b, strict=True))
     return "\n".join(
@@ -211,7 +217,7 @@ def current_vs_pytorch_tabnet() -> str:
             f"| {bench.seed_ranges({'seeds': seeds})} ({len(seeds)}) | "
             f"{statistics.fmean(a):.4f} +- {statistics.stdev(a):.4f} | "
             f"{statistics.fmean(b):.4f} +- {statistics.stdev(b):.4f} | "
-            f"{statistics.fmean(a) - statistics.fmean(b):+.4f} +- {se:.4f} | "
+            f"{_diff(a, b)} | "
             f"{lo:+.4f} to {hi:+.4f} | {lower} of {len(seeds)} |",
         ]
     )
@@ -239,10 +245,6 @@ def report() -> str:
         o = [saved["ours"][s]["macro_f1"] for s in seeds]
         p = [saved["pytorch_tabnet"][s]["macro_f1"] for s in seeds]
 
-        def diff(a: list[float], b: list[float]) -> str:
-            se = math.sqrt((statistics.variance(a) + statistics.variance(b)) / len(a))
-            return f"{statistics.fmean(a) - statistics.fmean(b):+.4f} +- {se:.4f}"
-
         def val(rs: list[dict[str, Any]]) -> str:
             return " / ".join(
                 f"{statistics.fmean(r['val_f1'][e - 1] for r in rs):.3f}" for e in (5, 10, 20, 30)
@@ -259,8 +261,8 @@ def report() -> str:
         lines.append(
             f"| {arm} | {bench.seed_ranges({'seeds': seeds})} ({len(seeds)}) | "
             f"{statistics.fmean(x):.4f} | "
-            f"{statistics.fmean(o):.4f} | {statistics.fmean(p):.4f} | {diff(x, o)} | "
-            f"{diff(x, p)} | {curves} |"
+            f"{statistics.fmean(o):.4f} | {statistics.fmean(p):.4f} | {_diff(x, o)} | "
+            f"{_diff(x, p)} | {curves} |"
         )
     return "\n".join(lines)
 
