@@ -17,8 +17,17 @@ that benchmark (``benchmarks/out/sctab_vs_pytorch_tabnet*.json``):
   docstring of ``celltype_bench.methods.tabnet``), so the arm is no longer run: its fits are
   the current code's (checked: seed 0 gives the identical test F1).
 
+- ``current``: our arm as the checked-out code computes it, unpatched (records carry the
+  commit): more seeds of the current network at a quarter of a benchmark pair's cost, its
+  test macro F1 compared with pytorch-tabnet's saved runs and with the previous network's
+  fits of the same seeds.
+
 The fits of every arm before that change ran with the folded normalisation; records written
-since carry the commit they ran at (``commit``).
+since carry the commit they ran at (``commit``). Since the commit after 692f565 the network's
+backward computes the input batch norm's and the masked Linear's gradients with less work
+(``InputNormLinear``, ``MaskedLinear``; float32 rounding changes only): fits at the commits
+in ``TORCHBN_COMMITS`` (and the ``torchbn`` arm) are the previous network, called
+``torchbn`` in the tables, fits at later commits the current one.
 
 One json line per fit is appended to ``benchmarks/out/sctab_loop_variants.jsonl``; a rerun skips
 the fits already there. ``--report`` prints the comparison table (markdown).
@@ -47,7 +56,10 @@ import sctab_vs_pytorch_tabnet as bench  # noqa: E402
 from sctab_same_loop import parse_seeds  # noqa: E402
 
 OUT = HERE / "out" / "sctab_loop_variants.jsonl"
-ARMS = ("ours_in_their_loop", "plain", "torchorder", "torchbn")
+ARMS = ("ours_in_their_loop", "plain", "torchorder", "torchbn", "current")
+TORCHBN_COMMITS = frozenset({"d4b0de7", "357535e", "c729d0d", "e0eebef", "692f565"})
+"""Commits whose network is torch's BatchNorm1d input with autograd's backward (the
+``torchbn`` arm): before the cheaper backward."""
 
 
 def _patch_their_loop() -> None:
@@ -95,10 +107,12 @@ def _patch_our_loop(arm: str) -> None:
 
     if arm == "torchbn":
         raise SystemExit(
-            "--arm torchbn: our network now normalises its input with torch's BatchNorm1d "
-            "(src/celltype_bench/methods/tabnet.py), so this arm is the current code's ours; "
-            "run benchmarks/sctab_vs_pytorch_tabnet.py for more seeds of it"
+            "--arm torchbn: our network normalises its input with torch's BatchNorm1d "
+            "(src/celltype_bench/methods/tabnet.py) since d4b0de7, so this arm was adopted; "
+            "run --arm current for more seeds of the current network"
         )
+    if arm == "current":
+        return
     fit_torch = base.fit_torch
 
     def fit(*args: Any, **kwargs: Any) -> Any:
@@ -166,10 +180,15 @@ def _saved_benchmark() -> dict[str, dict[int, dict[str, Any]]]:
     """Per arm and seed, the runs of ``sctab_vs_pytorch_tabnet.py`` (30,000 cells, 30 epochs).
 
     ``ours``: our arm with the folded input normalisation (results without a ``commit``, all
-    written before 2026-11-30); ``current``: our arm of the results that name their commit
-    (the current network); ``pytorch_tabnet``: all of pytorch-tabnet's runs.
+    written before 2026-11-30); ``torchbn``: our arm at a commit of ``TORCHBN_COMMITS``;
+    ``current``: our arm at a later commit; ``pytorch_tabnet``: all of pytorch-tabnet's runs.
     """
-    runs: dict[str, dict[int, dict[str, Any]]] = {"ours": {}, "pytorch_tabnet": {}, "current": {}}
+    runs: dict[str, dict[int, dict[str, Any]]] = {
+        "ours": {},
+        "pytorch_tabnet": {},
+        "torchbn": {},
+        "current": {},
+    }
     for path in sorted(glob.glob(str(HERE / "out" / "sctab_vs_pytorch_tabnet*.json"))):
         result = json.loads(Path(path).read_text())
         args = result["args"]
@@ -177,7 +196,9 @@ def _saved_benchmark() -> dict[str, dict[int, dict[str, Any]]]:
         if args.get("extra_test_cells") or setting != (30000, 30, 0):
             continue
         for arm, rs in result["runs"].items():
-            key = "current" if arm == "ours" and result.get("commit") else arm
+            key = arm
+            if arm == "ours" and result.get("commit"):
+                key = "torchbn" if result["commit"] in TORCHBN_COMMITS else "current"
             for r in rs:
                 runs[key][int(r["seed"])] = r
     return runs
@@ -189,38 +210,56 @@ def _diff(a: list[float], b: list[float]) -> str:
     return f"{statistics.fmean(a) - statistics.fmean(b):+.4f} +- {se:.4f}"
 
 
-def current_vs_pytorch_tabnet() -> str:
-    """Markdown: the current network's test macro F1 against pytorch-tabnet's, every seed.
-
-    The current network's fits are the ``torchbn`` fits (the same computation: seed 0 gives
-    the identical F1) and the benchmark runs that name their commit.
-    """
+def networks() -> dict[str, dict[int, dict[str, Any]]]:
+    """Per network version (``torchbn``, ``current``), its fits by seed (30,000 cells, 30
+    epochs): the loop-variant arm of that name and the benchmark runs at its commits."""
     saved = _saved_benchmark()
-    mine = {
-        r["seed"]: r["macro_f1"]
-        for r in _records()
-        if r["arm"] == "torchbn" and (r["n_cells"], r["epochs"]) == (30000, 30)
-    }
-    mine.update({s: r["macro_f1"] for s, r in saved["current"].items()})
-    seeds = sorted(s for s in mine if s in saved["pytorch_tabnet"])
-    if len(seeds) < 2:
-        return ""
-    a = [mine[s] for s in seeds]
-    b = [saved["pytorch_tabnet"][s]["macro_f1"] for s in seeds]
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for version in ("torchbn", "current"):
+        fits = {
+            r["seed"]: r
+            for r in _records()
+            if r["arm"] == version and (r["n_cells"], r["epochs"]) == (30000, 30)
+        }
+        fits.update(saved[version])
+        out[version] = fits
+    return out
+
+
+def _row(label: str, a: list[float], b: list[float], seeds: list[int]) -> str:
     lo, hi = bench.welch_ci95(a, b)
     lower = sum(x < y for x, y in zip(a, b, strict=True))
-    return "\n".join(
-        [
-            "| seeds | current network | pytorch-tabnet | difference | 95% interval "
-            "| current lower in |",
-            "|---|---:|---:|---:|---|---:|",
-            f"| {bench.seed_ranges({'seeds': seeds})} ({len(seeds)}) | "
-            f"{statistics.fmean(a):.4f} +- {statistics.stdev(a):.4f} | "
-            f"{statistics.fmean(b):.4f} +- {statistics.stdev(b):.4f} | "
-            f"{_diff(a, b)} | "
-            f"{lo:+.4f} to {hi:+.4f} | {lower} of {len(seeds)} |",
-        ]
+    return (
+        f"| {label} | {bench.seed_ranges({'seeds': seeds})} ({len(seeds)}) | "
+        f"{statistics.fmean(a):.4f} +- {statistics.stdev(a):.4f} | "
+        f"{statistics.fmean(b):.4f} +- {statistics.stdev(b):.4f} | "
+        f"{_diff(a, b)} | {lo:+.4f} to {hi:+.4f} | {lower} of {len(seeds)} |"
     )
+
+
+def current_vs_pytorch_tabnet() -> str:
+    """Markdown: each network version's test macro F1 against pytorch-tabnet's on the same
+    seeds, and the current network against the previous (``torchbn``) one, seed by seed."""
+    saved = _saved_benchmark()["pytorch_tabnet"]
+    nets = networks()
+    lines = [
+        "| network - other | seeds | network | other | difference | 95% interval "
+        "| network lower in |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    pairs = [
+        ("torchbn - pytorch-tabnet", nets["torchbn"], saved),
+        ("current - pytorch-tabnet", nets["current"], saved),
+        ("current - torchbn", nets["current"], nets["torchbn"]),
+    ]
+    for label, mine, other in pairs:
+        seeds = sorted(s for s in mine if s in other)
+        if len(seeds) < 2:
+            continue
+        a = [mine[s]["macro_f1"] for s in seeds]
+        b = [other[s]["macro_f1"] for s in seeds]
+        lines.append(_row(label, a, b, seeds))
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def report() -> str:
@@ -279,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         print(report())
         pooled = current_vs_pytorch_tabnet()
         if pooled:
-            print("\nCurrent network (torchbn fits and benchmark runs at a named commit):\n")
+            print("\nNetwork versions (loop-variant fits and benchmark runs by commit):\n")
             print(pooled)
         return 0
     if args.arm is None:
