@@ -23,11 +23,10 @@ that benchmark (``benchmarks/out/sctab_vs_pytorch_tabnet*.json``):
   fits of the same seeds.
 
 The fits of every arm before that change ran with the folded normalisation; records written
-since carry the commit they ran at (``commit``). Since the commit after 692f565 the network's
-backward computes the input batch norm's and the masked Linear's gradients with less work
-(``InputNormLinear``, ``MaskedLinear``; float32 rounding changes only): fits at the commits
-in ``TORCHBN_COMMITS`` (and the ``torchbn`` arm) are the previous network, called
-``torchbn`` in the tables, fits at later commits the current one.
+since carry the commit they ran at (``commit``), and :func:`version` names the network a
+commit computes: ``torchbn`` (the commits in ``TORCHBN_COMMITS`` and the ``torchbn`` arm),
+``inputnorm`` (d73ffe0: a cheaper backward of the input batch norm, and of the masked
+Linear, not kept) and ``current`` (later commits: the masked Linear's sparse backward).
 
 One json line per fit is appended to ``benchmarks/out/sctab_loop_variants.jsonl``; a rerun skips
 the fits already there. ``--report`` prints the comparison table (markdown).
@@ -58,8 +57,21 @@ from sctab_same_loop import parse_seeds  # noqa: E402
 OUT = HERE / "out" / "sctab_loop_variants.jsonl"
 ARMS = ("ours_in_their_loop", "plain", "torchorder", "torchbn", "current")
 TORCHBN_COMMITS = frozenset({"d4b0de7", "357535e", "c729d0d", "e0eebef", "692f565"})
-"""Commits whose network is torch's BatchNorm1d input with autograd's backward (the
-``torchbn`` arm): before the cheaper backward."""
+"""Commits whose network is torch's BatchNorm1d input with autograd's backward and the dense
+masked backward (the ``torchbn`` arm)."""
+INPUTNORM_COMMITS = frozenset({"d73ffe0"})
+"""Commits whose network also took the input batch norm's weight and bias gradients from the
+first Linear's product (``InputNormLinear``, not kept) besides the sparse masked backward."""
+VERSIONS = ("torchbn", "inputnorm", "current")
+
+
+def version(commit: str | None) -> str:
+    """The network version of our arm at ``commit`` (``ours``: the folded form, no commit)."""
+    if not commit:
+        return "ours"
+    if commit in TORCHBN_COMMITS:
+        return "torchbn"
+    return "inputnorm" if commit in INPUTNORM_COMMITS else "current"
 
 
 def _patch_their_loop() -> None:
@@ -133,6 +145,10 @@ def _patch_our_loop(arm: str) -> None:
     base.fit_torch = fit
 
 
+def _tag(arm: str, commit: str | None) -> str:
+    return version(commit) if arm == "current" else ""
+
+
 def run(arm: str, seeds: list[int], n_cells: int, epochs: int) -> None:
     """Fit ``arm`` for every seed not yet in the output file."""
     import torch
@@ -148,8 +164,12 @@ def run(arm: str, seeds: list[int], n_cells: int, epochs: int) -> None:
     commit = bench.git_commit()
     for seed in seeds:
         # read before every fit: another process may be working through the same seeds
-        done = {(r["arm"], r["seed"], r["n_cells"], r["epochs"]) for r in _records()}
-        if (arm, seed, n_cells, epochs) in done:
+        # (the arm ``current`` is redone for each network version)
+        done = {
+            (r["arm"], r["seed"], r["n_cells"], r["epochs"], _tag(r["arm"], r.get("commit")))
+            for r in _records()
+        }
+        if (arm, seed, n_cells, epochs, _tag(arm, commit)) in done:
             continue
         t0 = time.perf_counter()
         r = runner(data["parts"], epochs, seed)
@@ -180,14 +200,11 @@ def _saved_benchmark() -> dict[str, dict[int, dict[str, Any]]]:
     """Per arm and seed, the runs of ``sctab_vs_pytorch_tabnet.py`` (30,000 cells, 30 epochs).
 
     ``ours``: our arm with the folded input normalisation (results without a ``commit``, all
-    written before 2026-11-30); ``torchbn``: our arm at a commit of ``TORCHBN_COMMITS``;
-    ``current``: our arm at a later commit; ``pytorch_tabnet``: all of pytorch-tabnet's runs.
+    written before 2026-11-30); the :data:`VERSIONS`: our arm at the commits of that network
+    version; ``pytorch_tabnet``: all of pytorch-tabnet's runs.
     """
     runs: dict[str, dict[int, dict[str, Any]]] = {
-        "ours": {},
-        "pytorch_tabnet": {},
-        "torchbn": {},
-        "current": {},
+        key: {} for key in ("ours", "pytorch_tabnet", *VERSIONS)
     }
     for path in sorted(glob.glob(str(HERE / "out" / "sctab_vs_pytorch_tabnet*.json"))):
         result = json.loads(Path(path).read_text())
@@ -196,9 +213,7 @@ def _saved_benchmark() -> dict[str, dict[int, dict[str, Any]]]:
         if args.get("extra_test_cells") or setting != (30000, 30, 0):
             continue
         for arm, rs in result["runs"].items():
-            key = arm
-            if arm == "ours" and result.get("commit"):
-                key = "torchbn" if result["commit"] in TORCHBN_COMMITS else "current"
+            key = version(result.get("commit")) if arm == "ours" else arm
             for r in rs:
                 runs[key][int(r["seed"])] = r
     return runs
@@ -211,19 +226,14 @@ def _diff(a: list[float], b: list[float]) -> str:
 
 
 def networks() -> dict[str, dict[int, dict[str, Any]]]:
-    """Per network version (``torchbn``, ``current``), its fits by seed (30,000 cells, 30
-    epochs): the loop-variant arm of that name and the benchmark runs at its commits."""
-    saved = _saved_benchmark()
-    out: dict[str, dict[int, dict[str, Any]]] = {}
-    for version in ("torchbn", "current"):
-        fits = {
-            r["seed"]: r
-            for r in _records()
-            if r["arm"] == version and (r["n_cells"], r["epochs"]) == (30000, 30)
-        }
-        fits.update(saved[version])
-        out[version] = fits
-    return out
+    """Per network version (:data:`VERSIONS`), its fits by seed (30,000 cells, 30 epochs): the
+    ``torchbn`` and ``current`` loop-variant fits (by their commit) and the benchmark runs."""
+    out: dict[str, dict[int, dict[str, Any]]] = _saved_benchmark()
+    for r in _records():
+        if r["arm"] in ("torchbn", "current") and (r["n_cells"], r["epochs"]) == (30000, 30):
+            key = "torchbn" if r["arm"] == "torchbn" else version(r.get("commit"))
+            out[key].setdefault(r["seed"], r)
+    return {v: out[v] for v in VERSIONS}
 
 
 def _row(label: str, a: list[float], b: list[float], seeds: list[int]) -> str:
@@ -247,11 +257,8 @@ def current_vs_pytorch_tabnet() -> str:
         "| network lower in |",
         "|---|---:|---:|---:|---:|---|---:|",
     ]
-    pairs = [
-        ("torchbn - pytorch-tabnet", nets["torchbn"], saved),
-        ("current - pytorch-tabnet", nets["current"], saved),
-        ("current - torchbn", nets["current"], nets["torchbn"]),
-    ]
+    pairs = [(f"{v} - pytorch-tabnet", nets[v], saved) for v in VERSIONS]
+    pairs += [(f"{v} - torchbn", nets[v], nets["torchbn"]) for v in VERSIONS[1:]]
     for label, mine, other in pairs:
         seeds = sorted(s for s in mine if s in other)
         if len(seeds) < 2:

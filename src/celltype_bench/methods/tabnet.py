@@ -36,22 +36,18 @@ less work; tests/test_sctab.py compares the two):
   sparse_input_ratio`` per cell) the step's first Linear sums the selected columns only
   (:class:`MaskedLinear`) instead of multiplying a mostly-zero dense matrix; on CPU its
   backward works on the selected entries too (a sampled product and a sparse product).
-- The input batch norm and the splitter's first Linear share one backward
-  (:class:`InputNormLinear`): the input needs no gradient, so the gradients of the batch
-  norm's weight and bias come from ``dY.T @ x_hat``, the product the Linear's weight gradient
-  needs anyway, instead of a second product of the layer's size through ``dY @ W``.
 
-The last two change float32 rounding only (gradients equal to about 1e-6 relative, outputs
-and running statistics bitwise); benchmarks/results/sctab_vs_pytorch_tabnet.md has their
-speed and macro F1.
+The sparse backward changes float32 rounding only (gradients equal to about 1e-6 relative);
+benchmarks/results/sctab_vs_pytorch_tabnet.md has its speed and macro F1.
 
-The input batch norm's output is torch's ``BatchNorm1d`` of the input, bitwise, as in
-pytorch-tabnet. An earlier version folded it into the splitter's first Linear (``BN(x) @ W.T
-== x @ (W * a).T + W @ c``): the same function, but the forward rounded otherwise in float32,
-and on the benchmark
-data it trained more slowly in the early epochs and its test macro F1 was 0.021 below
-pytorch-tabnet's over 44 seeds, against 0.004 below now over 48
-(benchmarks/results/sctab_vs_pytorch_tabnet.md, sctab_loop_variants.md arm ``torchbn``).
+The input batch norm is torch's ``BatchNorm1d`` applied to the input, with autograd's
+backward, as in pytorch-tabnet. Two cheaper forms of the same function were faster and
+trained more slowly on the benchmark data (benchmarks/results/sctab_vs_pytorch_tabnet.md,
+sctab_loop_variants.md): folded into the splitter's first Linear (``BN(x) @ W.T == x @ (W *
+a).T + W @ c``), test macro F1 0.021 below pytorch-tabnet's over 44 seeds; and a custom
+backward taking the batch norm's weight and bias gradients from ``dY.T @ x_hat``, the product
+the Linear's weight gradient needs anyway (bitwise the same forward, gradients equal to 1e-6,
+about 9% faster per epoch), 0.038 below over 16 seeds. This form: 0.004 below over 48.
 """
 
 from __future__ import annotations
@@ -147,73 +143,6 @@ class MaskedLinear(torch.autograd.Function):
 def masked_linear(values: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
     """``dense(values, idx) @ weight.T`` without forming the dense matrix in the forward pass."""
     return MaskedLinear.apply(values, idx, weight)
-
-
-class InputNormLinear(torch.autograd.Function):
-    """Training-mode ``xn = BatchNorm1d(x)`` and ``y = xn @ W.T`` with a backward that skips
-    the gradient with respect to ``xn`` through ``W`` (the input ``x`` needs no gradient).
-
-    Forward: torch's batch-norm kernel (``native_batch_norm``: the same output and running
-    statistics as ``nn.BatchNorm1d``) and ``F.linear``, so both outputs are bitwise torch's.
-    Backward, with ``x_hat = (x - mean) * invstd``, ``xn = x_hat * w + b``, ``G = dY.T @
-    x_hat`` and ``s = dY.sum(0)``: ``dW = G * w + outer(s, b)``, ``dw = sum_c W * G`` and
-    ``db = s @ W`` (plus the batch-norm terms of ``dXn``, the gradient reaching ``xn`` by
-    other paths). Autograd would compute ``dY @ W`` (cells x features) and ``dY.T @ xn``: two
-    matrix products of the layer's size; this needs one.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: Tensor,
-        bn_weight: Tensor,
-        bn_bias: Tensor,
-        weight: Tensor,
-        running_mean: Tensor,
-        running_var: Tensor,
-        momentum: float,
-        eps: float,
-    ) -> tuple[Tensor, Tensor]:
-        xn, mean, invstd = torch.native_batch_norm(
-            x, bn_weight, bn_bias, running_mean, running_var, True, momentum, eps
-        )
-        x_hat = (x - mean).mul_(invstd)
-        ctx.save_for_backward(x_hat, bn_weight, bn_bias, weight)
-        return xn, F.linear(xn, weight)
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, grad_xn: Tensor | None, grad_y: Tensor | None
-    ) -> tuple[None, Tensor, Tensor, Tensor, None, None, None, None]:
-        x_hat, w, b, weight = ctx.saved_tensors
-        if grad_y is None:
-            grad_y = x_hat.new_zeros(x_hat.shape[0], weight.shape[0])
-        g = grad_y.t() @ x_hat
-        s = grad_y.sum(0)
-        g_weight = torch.addcmul(torch.outer(s, b), g, w)
-        g_w = (weight * g).sum(0)
-        g_b = s @ weight
-        if grad_xn is not None:
-            g_w = g_w + (grad_xn * x_hat).sum(0)
-            g_b = g_b + grad_xn.sum(0)
-        return None, g_w, g_b, g_weight, None, None, None, None
-
-
-def input_norm_linear(bn: nn.BatchNorm1d, weight: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Training-mode ``(bn(x), bn(x) @ weight.T)`` computed by :class:`InputNormLinear`."""
-    if x.requires_grad or bn.weight is None or bn.running_mean is None:
-        raise ValueError(
-            "input_norm_linear needs an input without gradient and an affine batch norm with "
-            "running statistics"
-        )
-    assert bn.num_batches_tracked is not None
-    bn.num_batches_tracked.add_(1)
-    # nn.BatchNorm1d's factor: momentum, or the cumulative average when momentum is None
-    n = int(bn.num_batches_tracked)
-    momentum = 1.0 / n if bn.momentum is None else float(bn.momentum)
-    return InputNormLinear.apply(
-        x, bn.weight, bn.bias, weight, bn.running_mean, bn.running_var, momentum, bn.eps
-    )
 
 
 class GhostBatchNorm(nn.BatchNorm1d):
@@ -499,13 +428,8 @@ class TabNet(nn.Module):
         """Logits, compact step masks and the sparsity loss."""
         if self.training and x.shape[0] < 2:
             raise ValueError("TabNet needs at least 2 cells per training batch")
-        splitter = self.initial_splitter
-        if self.training and torch.is_grad_enabled() and not x.requires_grad:
-            x, proj = input_norm_linear(self.initial_bn, splitter.first_fc.weight, x)
-            att = splitter(proj, projected=True)[:, self.n_d :]
-        else:
-            x = self.initial_bn(x)
-            att = splitter(x)[:, self.n_d :]
+        x = self.initial_bn(x)
+        att = self.initial_splitter(x)[:, self.n_d :]
         prior: Tensor | None = None
         decision: Tensor | None = None
         masks: list[tuple[Tensor, Tensor]] = []
