@@ -55,14 +55,16 @@ import sctab_vs_pytorch_tabnet as bench  # noqa: E402
 from sctab_same_loop import parse_seeds  # noqa: E402
 
 OUT = HERE / "out" / "sctab_loop_variants.jsonl"
-ARMS = ("ours_in_their_loop", "plain", "torchorder", "torchbn", "current")
+ARMS = ("ours_in_their_loop", "plain", "torchorder", "torchbn", "current", "exactw")
 TORCHBN_COMMITS = frozenset({"d4b0de7", "357535e", "c729d0d", "e0eebef", "692f565"})
 """Commits whose network is torch's BatchNorm1d input with autograd's backward and the dense
 masked backward (the ``torchbn`` arm)."""
-INPUTNORM_COMMITS = frozenset({"d73ffe0"})
-"""Commits whose network also took the input batch norm's weight and bias gradients from the
-first Linear's product (``InputNormLinear``, not kept) besides the sparse masked backward."""
-VERSIONS = ("torchbn", "inputnorm", "current")
+OTHER_COMMITS = {"d73ffe0": "inputnorm", "0f7e6f6": "sparse"}
+"""Commits of network versions not kept: ``inputnorm`` took the input batch norm's weight and
+bias gradients from the first Linear's product (``InputNormLinear``) and had the masked
+Linear's sparse backward; ``sparse`` had the sparse backward only. Later commits compute as
+``torchbn`` again (called ``current`` until a version is named here)."""
+VERSIONS = ("torchbn", "inputnorm", "sparse", "current")
 
 
 def version(commit: str | None) -> str:
@@ -71,7 +73,7 @@ def version(commit: str | None) -> str:
         return "ours"
     if commit in TORCHBN_COMMITS:
         return "torchbn"
-    return "inputnorm" if commit in INPUTNORM_COMMITS else "current"
+    return OTHER_COMMITS.get(commit, "current")
 
 
 def _patch_their_loop() -> None:
@@ -111,6 +113,83 @@ def _patch_their_loop() -> None:
     tab_model.TabNetClassifier._set_network = set_network
 
 
+def _patch_exactw() -> None:
+    """Arm ``exactw``: the ``inputnorm`` backward of the input batch norm (one product of the
+    first Linear's size, not two) but with that Linear's weight gradient ``dY.T @ xn`` rounded
+    exactly as autograd rounds it; the batch norm's gradients are derived from it
+    (``G = (dW - outer(sum dY, b)) / w``, exact products for features with ``|w| < 1e-3``). If
+    this arm scores as ``torchbn``, the weight gradient's rounding was what cost ``inputnorm``
+    its F1; if as ``inputnorm``, the batch norm's."""
+    import torch
+    import torch.nn.functional as F
+
+    from celltype_bench.methods import tabnet
+
+    class ExactW(torch.autograd.Function):
+        @staticmethod
+        def forward(
+            ctx: Any, x: Any, w: Any, b: Any, weight: Any, rm: Any, rv: Any, mom: float, eps: float
+        ) -> Any:  # noqa: E501
+            xn, mean, invstd = torch.native_batch_norm(x, w, b, rm, rv, True, mom, eps)
+            ctx.save_for_backward(x, mean, invstd, xn, w, b, weight)
+            return xn, F.linear(xn, weight)
+
+        @staticmethod
+        def backward(ctx: Any, g_xn: Any, g_y: Any) -> Any:
+            x, mean, invstd, xn, w, b, weight = ctx.saved_tensors
+            g_weight = g_y.t().mm(xn)  # as autograd's MmBackward for F.linear
+            s = g_y.sum(0)
+            x_hat = (x - mean).mul_(invstd)
+            small = w.abs() < 1e-3
+            g = (g_weight - torch.outer(s, b)) / torch.where(small, torch.ones_like(w), w)
+            if bool(small.any()):
+                g[:, small] = g_y.t() @ x_hat[:, small]
+            g_w = (weight * g).sum(0) + (g_xn * x_hat).sum(0)
+            g_b = s @ weight + g_xn.sum(0)
+            return None, g_w, g_b, g_weight, None, None, None, None
+
+    def run(self: Any, x: Any) -> Any:
+        if self.training and x.shape[0] < 2:
+            raise ValueError("TabNet needs at least 2 cells per training batch")
+        bn, splitter = self.initial_bn, self.initial_splitter
+        if self.training and torch.is_grad_enabled():
+            bn.num_batches_tracked.add_(1)
+            x, proj = ExactW.apply(
+                x,
+                bn.weight,
+                bn.bias,
+                splitter.first_fc.weight,
+                bn.running_mean,
+                bn.running_var,
+                float(bn.momentum),
+                bn.eps,
+            )
+            att = splitter(proj, projected=True)[:, self.n_d :]
+        else:
+            x = bn(x)
+            att = splitter(x)[:, self.n_d :]
+        return _rest_of_run(self, x, att)
+
+    def _rest_of_run(self: Any, x: Any, att: Any) -> Any:
+        prior = decision = None
+        masks = []
+        sparsity = x.new_zeros(())
+        for step in range(self.n_steps):
+            p, idx, entropy = self.att_transformers[step](att, prior)
+            masks.append((p, idx))
+            sparsity = sparsity + entropy.mean()
+            if step + 1 < self.n_steps:
+                m = tabnet.to_dense(p, idx, self.n_features)
+                prior = (self.relaxation - m) if prior is None else prior * (self.relaxation - m)
+            out = self._step_input(self.feat_transformers[step], x, p, idx)
+            d = F.relu(out[:, : self.n_d])
+            decision = d if decision is None else decision + d
+            att = out[:, self.n_d :]
+        return self.final(decision), masks, sparsity / self.n_steps
+
+    tabnet.TabNet._run = run
+
+
 def _patch_our_loop(arm: str) -> None:
     """Change one detail of our sctab arm: its loop (``fit_torch``) or its input normalisation."""
     import torch
@@ -124,6 +203,9 @@ def _patch_our_loop(arm: str) -> None:
             "run --arm current for more seeds of the current network"
         )
     if arm == "current":
+        return
+    if arm == "exactw":
+        _patch_exactw()
         return
     fit_torch = base.fit_torch
 

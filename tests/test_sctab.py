@@ -308,10 +308,9 @@ def test_splitter_gets_the_input_batch_norm_output_as_torch_computes_it():
     torch.testing.assert_close(model.initial_bn.running_mean, ref.running_mean, rtol=0, atol=0)
 
 
-def test_masked_linear_sparse_backward_equals_the_dense_product():
-    """The masked step input's Linear (compact mask values and indices): forward and the
-    sparse backward (sampled product for the values, sparse times dense for the weight) equal
-    the dense ``dense(P) @ W.T`` and its autograd gradients (float64)."""
+def test_masked_linear_equals_the_dense_product_and_its_gradients():
+    """The masked step input's Linear (compact mask values and column indices, in no order):
+    its backward equals autograd's gradients of the dense ``dense(P) @ W.T`` (float64)."""
     from celltype_bench.methods.entmax import to_dense
     from celltype_bench.methods.tabnet import masked_linear
 

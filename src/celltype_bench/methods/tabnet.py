@@ -34,26 +34,22 @@ less work; tests/test_sctab.py compares the two):
   selected features of each cell, found by a partial sort), its entropy is computed on those
   entries only, and when the masks select few features (at most ``n_features /
   sparse_input_ratio`` per cell) the step's first Linear sums the selected columns only
-  (:class:`MaskedLinear`) instead of multiplying a mostly-zero dense matrix; on CPU its
-  backward works on the selected entries too (a sampled product and a sparse product).
-
-The sparse backward changes float32 rounding only (gradients equal to about 1e-6 relative);
-benchmarks/results/sctab_vs_pytorch_tabnet.md has its speed and macro F1.
+  (:class:`MaskedLinear`) instead of multiplying a mostly-zero dense matrix.
 
 The input batch norm is torch's ``BatchNorm1d`` applied to the input, with autograd's
-backward, as in pytorch-tabnet. Two cheaper forms of the same function were faster and
+backward, as in pytorch-tabnet. Two cheaper forms of the same function were faster but
 trained more slowly on the benchmark data (benchmarks/results/sctab_vs_pytorch_tabnet.md,
 sctab_loop_variants.md): folded into the splitter's first Linear (``BN(x) @ W.T == x @ (W *
 a).T + W @ c``), test macro F1 0.021 below pytorch-tabnet's over 44 seeds; and a custom
 backward taking the batch norm's weight and bias gradients from ``dY.T @ x_hat``, the product
-the Linear's weight gradient needs anyway (bitwise the same forward, gradients equal to 1e-6,
-about 9% faster per epoch), 0.038 below over 16 seeds. This form: 0.004 below over 48.
+the Linear's weight gradient needs anyway (bitwise the same forward and running statistics,
+gradients equal to about 1e-6 relative, about 7% faster per epoch), 0.035 below over 17
+seeds. This form: 0.004 below over 48.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -77,39 +73,12 @@ def _init_non_glu(layer: nn.Linear, fan_in: int, fan_out: int) -> None:
     nn.init.xavier_normal_(layer.weight, gain=gain)
 
 
-def _sampled_rows(a: Tensor, b: Tensor, idx: Tensor) -> Tensor:
-    """``(a @ b).gather(1, idx)`` computed at those entries only (``sampled_addmm`` on a
-    sparse CSR pattern; torch's beta-state warning about sparse CSR tensors silenced)."""
-    n, k = idx.shape
-    crow = torch.arange(0, n * k + 1, k, device=idx.device)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        pattern = torch.sparse_csr_tensor(
-            crow, idx.reshape(-1), a.new_zeros(n * k), (n, b.shape[1]), check_invariants=False
-        )
-        return torch.sparse.sampled_addmm(pattern, a, b, beta=0.0).values().view(n, k)
-
-
-def _sparse_t_mm(values: Tensor, idx: Tensor, d: int, a: Tensor) -> Tensor:
-    """``dense(values, idx).T @ a`` as a sparse (COO) times dense product."""
-    n, k = idx.shape
-    rows = torch.arange(n, device=idx.device).repeat_interleave(k)
-    p_t = torch.sparse_coo_tensor(
-        torch.stack([idx.reshape(-1), rows]), values.reshape(-1), (d, n), check_invariants=False
-    )
-    return torch.sparse.mm(p_t, a)
-
-
 class MaskedLinear(torch.autograd.Function):
     """``y = P @ W.T`` for a row-sparse ``P`` given compactly (values and column indices).
 
     Forward: an ``embedding_bag`` sum over each row's selected columns of ``W.T`` (work
-    proportional to the selected entries). Backward, also proportional to the selected entries
-    on CPU: ``dP = (dY @ W)[row, idx]`` as a sampled product (``torch.sparse.sampled_addmm``
-    on the pattern of ``P``: one dot product per selected entry, not the whole ``dY @ W``) and
-    ``dW = dY.T @ dense(P)`` as a sparse (COO) times dense product; each is about 3x faster
-    than its dense form at scTab's sizes (2,048 cells, 765 genes, about 60 selected per cell)
-    and equal to it up to float rounding. On other devices: the dense products.
+    proportional to the selected entries). Backward: dense matrix products (faster on CPU than
+    scattering per entry): ``dP = (dY @ W)[row, idx]``, ``dW = dY.T @ dense(P)``.
     """
 
     @staticmethod
@@ -126,17 +95,10 @@ class MaskedLinear(torch.autograd.Function):
     ) -> tuple[Tensor | None, None, Tensor | None]:
         values, idx, weight = ctx.saved_tensors
         g_values = g_weight = None
-        sparse = grad.device.type == "cpu"
         if ctx.needs_input_grad[0]:
-            if sparse:
-                g_values = _sampled_rows(grad, weight, idx)
-            else:
-                g_values = (grad @ weight).gather(1, idx)
+            g_values = (grad @ weight).gather(1, idx)
         if ctx.needs_input_grad[2]:
-            if sparse:
-                g_weight = _sparse_t_mm(values, idx, weight.shape[1], grad).t()
-            else:
-                g_weight = grad.t() @ to_dense(values, idx, weight.shape[1])
+            g_weight = grad.t() @ to_dense(values, idx, weight.shape[1])
         return g_values, None, g_weight
 
 
