@@ -25,8 +25,10 @@ that benchmark (``benchmarks/out/sctab_vs_pytorch_tabnet*.json``):
 The fits of every arm before that change ran with the folded normalisation; records written
 since carry the commit they ran at (``commit``), and :func:`version` names the network a
 commit computes: ``torchbn`` (the commits in ``TORCHBN_COMMITS`` and the ``torchbn`` arm),
-``inputnorm`` (d73ffe0: a cheaper backward of the input batch norm, and of the masked
-Linear, not kept) and ``current`` (later commits: the masked Linear's sparse backward).
+``inputnorm`` and ``sparse`` (``OTHER_COMMITS``: cheaper backwards, measured and not kept)
+and ``current`` (any later commit; since e969b52 it computes as ``torchbn`` again).
+- ``exactw``: ``inputnorm``'s backward with the first Linear's weight gradient rounded as
+  autograd rounds it (:func:`_patch_exactw`).
 
 One json line per fit is appended to ``benchmarks/out/sctab_loop_variants.jsonl``; a rerun skips
 the fits already there. ``--report`` prints the comparison table (markdown).
@@ -129,7 +131,7 @@ def _patch_exactw() -> None:
         @staticmethod
         def forward(
             ctx: Any, x: Any, w: Any, b: Any, weight: Any, rm: Any, rv: Any, mom: float, eps: float
-        ) -> Any:  # noqa: E501
+        ) -> Any:
             xn, mean, invstd = torch.native_batch_norm(x, w, b, rm, rv, True, mom, eps)
             ctx.save_for_backward(x, mean, invstd, xn, w, b, weight)
             return xn, F.linear(xn, weight)
@@ -296,14 +298,17 @@ def _diff(a: list[float], b: list[float]) -> str:
 
 
 def networks() -> dict[str, dict[int, dict[str, Any]]]:
-    """Per network version (:data:`VERSIONS`), its fits by seed (30,000 cells, 30 epochs): the
-    ``torchbn`` and ``current`` loop-variant fits (by their commit) and the benchmark runs."""
-    out: dict[str, dict[int, dict[str, Any]]] = _saved_benchmark()
+    """Per network version (:data:`VERSIONS`, then ``exactw``), its fits by seed (30,000
+    cells, 30 epochs): the benchmark runs, the ``torchbn`` and ``current`` loop-variant fits
+    (by their commit) and the ``exactw`` fits."""
+    out: dict[str, dict[int, dict[str, Any]]] = {**_saved_benchmark(), "exactw": {}}
     for r in _records():
-        if r["arm"] in ("torchbn", "current") and (r["n_cells"], r["epochs"]) == (30000, 30):
-            key = "torchbn" if r["arm"] == "torchbn" else version(r.get("commit"))
+        if r["arm"] not in ("torchbn", "current", "exactw"):
+            continue
+        if (r["n_cells"], r["epochs"]) == (30000, 30):
+            key = version(r.get("commit")) if r["arm"] == "current" else r["arm"]
             out[key].setdefault(r["seed"], r)
-    return {v: out[v] for v in VERSIONS}
+    return {v: out[v] for v in (*VERSIONS, "exactw")}
 
 
 def _row(label: str, a: list[float], b: list[float], seeds: list[int]) -> str:
@@ -317,9 +322,9 @@ def _row(label: str, a: list[float], b: list[float], seeds: list[int]) -> str:
     )
 
 
-def current_vs_pytorch_tabnet() -> str:
-    """Markdown: each network version's test macro F1 against pytorch-tabnet's on the same
-    seeds, and the current network against the previous (``torchbn``) one, seed by seed."""
+def network_versions() -> str:
+    """Markdown: each network version's test macro F1 against pytorch-tabnet's and against the
+    ``torchbn`` network's on the same seeds (versions with fewer than 2 such seeds left out)."""
     saved = _saved_benchmark()["pytorch_tabnet"]
     nets = networks()
     lines = [
@@ -327,12 +332,7 @@ def current_vs_pytorch_tabnet() -> str:
         "| network lower in |",
         "|---|---:|---:|---:|---:|---|---:|",
     ]
-    nets["exactw"] = {
-        r["seed"]: r
-        for r in _records()
-        if r["arm"] == "exactw" and (r["n_cells"], r["epochs"]) == (30000, 30)
-    }
-    names = (*VERSIONS, "exactw")
+    names = tuple(nets)
     pairs = [(f"{v} - pytorch-tabnet", nets[v], saved) for v in names]
     pairs += [(f"{v} - torchbn", nets[v], nets["torchbn"]) for v in names[1:]]
     for label, mine, other in pairs:
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.report:
         print(report())
-        pooled = current_vs_pytorch_tabnet()
+        pooled = network_versions()
         if pooled:
             print("\nNetwork versions (loop-variant fits and benchmark runs by commit):\n")
             print(pooled)
