@@ -475,9 +475,16 @@ def _equivalence_pass(data: dict[str, Any], gain: float | None, seed: int) -> di
         for name, param in ours.named_parameters():
             note("gradients", param.grad, theirs[_ref_key(name)].grad)
     ref_buffers = ref.state_dict()
+    skipped = ours.skipped_channels()  # channels ours does not compute (unused outputs)
     for key, v in ours.state_dict().items():
         if "running" in key:
-            note("running statistics", v, ref_buffers[_ref_key(key)])
+            theirs_v = ref_buffers[_ref_key(key)]
+            channels = skipped.get(key.rsplit(".", 1)[0])
+            if channels is not None:
+                kept = torch.ones(len(v), dtype=torch.bool)
+                kept[channels] = False
+                v, theirs_v = v[kept], theirs_v[kept]
+            note("running statistics", v, theirs_v)
     ours.eval()
     ref.eval()
     with torch.no_grad():

@@ -142,8 +142,41 @@ def test_entmax15_partial_sort_hint_is_exact_bitwise():
     torch.manual_seed(1)
     z = torch.randn(256, 200) * 2
     full = entmax15(z)
-    for k in (2, 5, 16, 64, 199):  # small hints fall back to a full sort
+    for k in (2, 5, 16, 64, 199):  # small hints retry longer prefixes, then a full sort
         assert torch.equal(entmax15(z, k=k), full)
+
+
+def test_entmax15_too_small_hint_retries_a_longer_prefix_not_a_full_sort(monkeypatch):
+    import celltype_bench.methods.entmax as entmax_module
+
+    torch.manual_seed(1)
+    z = torch.randn(256, 200) * 2
+    full = entmax15(z)
+    support = int((full > 0).sum(1).max())
+    sorts: list = []
+    real_sort = torch.sort
+    monkeypatch.setattr(
+        entmax_module.torch, "sort", lambda *a, **k: sorts.append(1) or real_sort(*a, **k)
+    )
+    hint = max(2, support // 2)  # too small, but twice (or four times) it is not
+    assert 4 * hint <= 100
+    assert torch.equal(entmax15(z, k=hint), full)
+    assert not sorts
+    assert torch.equal(entmax15(z, k=150), full)  # more than half the row: sorted fully
+    assert sorts
+
+
+def test_attention_hint_follows_training_batches_only():
+    model = sparse_model()
+    x = torch.rand(64, 40) * 4
+    model.train()
+    model(x)
+    assert int(model.att_transformers[0].k_hint) % 8 == 0  # set by training: multiples of 8
+    model.att_transformers[0].k_hint.fill_(13)
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert int(model.att_transformers[0].k_hint) == 13  # evaluation left it alone
 
 
 def test_entmax15_sparse_entropy_and_its_gradient():
@@ -280,6 +313,52 @@ def test_tabnet_equals_pytorch_tabnet_with_the_same_weights(ratio):
     for name, param in ours.named_parameters():
         theirs = ref_params[_ref_key(name)].grad
         torch.testing.assert_close(param.grad, theirs, atol=1e-5, rtol=1e-3)
+
+
+def test_unused_outputs_are_not_computed_and_the_rest_is_the_whole_layers():
+    """The splitter's decision part and the last step's attention part are skipped: their
+    batch-norm channels never see a batch, and logits and gradients equal those of a network
+    that computes every column (the same weights)."""
+    from celltype_bench.methods import tabnet as tabnet_module
+
+    model = sparse_model()
+    full = sparse_model()
+    full.load_state_dict(model.state_dict())
+    x = torch.rand(64, 40) * 4
+    y = torch.randint(0, 5, (64,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    F.cross_entropy(model(x), y).backward()
+    skipped = model.skipped_channels()
+    assert set(skipped) == {
+        "initial_splitter.specific.layers.1.bn",
+        "feat_transformers.0.specific.layers.1.bn",
+    }
+    assert [len(v) for v in skipped.values()] == [16, 16]  # 2 x n_d and 2 x n_a (8 each)
+    state = model.state_dict()
+    for name, channels in skipped.items():
+        for stat in ("running_mean", "running_var"):
+            key = f"{name}.{stat}"
+            assert torch.equal(state[key][channels], before[key][channels])
+            kept = torch.ones(len(state[key]), dtype=torch.bool)
+            kept[channels] = False
+            assert not torch.equal(state[key][kept], before[key][kept])
+    real_forward = tabnet_module.GLULayer.forward
+
+    def whole_layer(self, h, projected=False, keep=None):
+        out = real_forward(self, h, projected)
+        return out if keep is None else out[:, keep[0] : keep[1]]
+
+    try:
+        tabnet_module.GLULayer.forward = whole_layer
+        logits = full(x)
+        F.cross_entropy(logits, y).backward()
+    finally:
+        tabnet_module.GLULayer.forward = real_forward
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    full_grads = dict(full.named_parameters())
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, full_grads[name].grad, rtol=1e-6, atol=1e-7)
 
 
 def test_splitter_gets_the_input_batch_norm_output_as_torch_computes_it():

@@ -15,8 +15,10 @@ with ``tau_k <= u_(k)``.
   dominates). Entries outside the support are exact zeros.
 - Partial sorting (as the ``entmax`` package's ``k``): with a hint ``k``, only the ``k``
   largest entries are sorted (``torch.topk``); the prefix of the sorted row determines
-  ``tau`` and the support exactly as long as the support is smaller than ``k``, otherwise the
-  rows are sorted fully. The result does not depend on ``k`` (the same prefix sums).
+  ``tau`` and the support exactly as long as the support is smaller than ``k``; otherwise
+  the ``2k`` largest are tried, and so on, and rows are sorted fully once ``k`` would exceed
+  half the row (a partial sort of 2,048 x 765 costs 15 to 20 ms, a full sort about 70 ms).
+  The result does not depend on ``k`` (the same prefix sums).
 - Backward (the Jacobian of 1.5-entmax): with ``s = sqrt(p)``,
   ``dz = s * g - s * (s . g) / sum(s)``; it is zero outside the support.
 
@@ -54,12 +56,13 @@ def _threshold_sorted(vals: Tensor) -> tuple[Tensor, Tensor]:
 def _solve(u: Tensor, k: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Sorted (clamped) values, their indices, ``tau`` and support of max-shifted ``u``."""
     d = u.shape[-1]
-    if k is not None and 0 < k < d:
+    while k is not None and 0 < k and 2 * k <= d:
         vals, idx = torch.topk(u, k, dim=-1)
         vals = vals.clamp(min=_FLOOR)
         tau, support = _threshold_sorted(vals)
         if support.numel() == 0 or int(support.max()) < k:
             return vals, idx, tau, support
+        k *= 2  # a support as large as the hint: a prefix twice as long, then a full sort
     vals, idx = torch.sort(u, dim=-1, descending=True)
     vals = vals.clamp(min=_FLOOR)
     tau, support = _threshold_sorted(vals)

@@ -35,6 +35,13 @@ less work; tests/test_sctab.py compares the two):
   entries only, and when the masks select few features (at most ``n_features /
   sparse_input_ratio`` per cell) the step's first Linear sums the selected columns only
   (:class:`MaskedLinear`) instead of multiplying a mostly-zero dense matrix.
+- Outputs nobody uses are not computed: the splitter's decision part (only its attention part
+  feeds the attentive transformer) and the last step's attention part (no next step). The
+  last GLU layer of those transformers computes only the kept columns (:class:`RowsLinear`:
+  the rows of its ``Linear`` that make them, and their batch-norm channels): 2/3 and 1/3 of a
+  layer at scTab's widths. Outputs and gradients are the whole layer's, bitwise (the input
+  gradient is still the full product, rounded as autograd rounds it); the skipped channels'
+  running statistics are never updated (:meth:`TabNet.skipped_channels`).
 
 The input batch norm is torch's ``BatchNorm1d`` applied to the input, with autograd's
 backward, as in pytorch-tabnet. Two cheaper forms of the same function were faster but
@@ -107,6 +114,41 @@ def masked_linear(values: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
     return MaskedLinear.apply(values, idx, weight)
 
 
+def glu_rows(out_dim: int, keep: tuple[int, int]) -> Tensor:
+    """Rows of a GLU layer's ``Linear`` (``2 * out_dim`` outputs: values, then gates) that
+    produce the GLU output columns ``keep = (lo, hi)``."""
+    lo, hi = keep
+    return torch.cat([torch.arange(lo, hi), torch.arange(out_dim + lo, out_dim + hi)])
+
+
+class RowsLinear(torch.autograd.Function):
+    """``y = x @ W[rows].T`` for the rows of a GLU layer's ``Linear`` that make the output
+    columns ``keep``: the forward and the weight gradient skip the other rows; the input
+    gradient is the full product ``dY @ W`` with zeros in the skipped columns of ``dY``, as
+    autograd computes it for the whole layer (so it is rounded the same, bitwise)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, rows: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(x, weight, rows)
+        return F.linear(x, weight.index_select(0, rows))
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, None]:
+        x, weight, rows = ctx.saved_tensors
+        g_x = g_weight = None
+        if ctx.needs_input_grad[0]:
+            full = grad.new_zeros(grad.shape[0], weight.shape[0])
+            full.index_copy_(1, rows, grad)
+            g_x = full @ weight
+        if ctx.needs_input_grad[1]:
+            g_weight = weight.new_zeros(weight.shape).index_copy_(0, rows, grad.t() @ x)
+        return g_x, g_weight, None
+
+
 class GhostBatchNorm(nn.BatchNorm1d):
     """Ghost batch normalisation (Hoffer et al. 2017): per-virtual-batch statistics.
 
@@ -137,33 +179,32 @@ class GhostBatchNorm(nn.BatchNorm1d):
         """Number of virtual batches of a batch of ``n`` cells."""
         return max(-(-n // self.virtual_batch_size), 1)
 
-    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        """Normalise ``x`` (cells x features)."""
+    def forward(self, x: Tensor, channels: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """Normalise ``x`` (cells x features).
+
+        ``channels``: ``x`` holds only these features (an index into this layer's features);
+        they are normalised with their own weights and statistics, exactly as in a call on all
+        features, and only their running statistics are updated.
+        """
+        mean, var, weight, bias = self.running_mean, self.running_var, self.weight, self.bias
+        if channels is not None:
+            mean, var = mean.index_select(0, channels), var.index_select(0, channels)
+            weight, bias = weight.index_select(0, channels), bias.index_select(0, channels)
         if not self.training:
-            return F.batch_norm(
-                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
-            )
-        k = self.n_chunks(x.shape[0])
-        if k == 1:
+            return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
+        if channels is None and self.n_chunks(x.shape[0]) == 1:
             return super().forward(x)
+        k = self.n_chunks(x.shape[0])
         momentum = float(self.momentum)
         self.num_batches_tracked.add_(k)
-        return torch.cat(
-            [
-                F.batch_norm(
-                    c,
-                    self.running_mean,
-                    self.running_var,
-                    self.weight,
-                    self.bias,
-                    True,
-                    momentum,
-                    self.eps,
-                )
-                for c in x.chunk(k, 0)
-            ],
-            dim=0,
-        )
+        chunks = [
+            F.batch_norm(c, mean, var, weight, bias, True, momentum, self.eps)
+            for c in x.chunk(k, 0)
+        ]
+        if channels is not None:
+            self.running_mean.index_copy_(0, channels, mean)
+            self.running_var.index_copy_(0, channels, var)
+        return chunks[0] if k == 1 else torch.cat(chunks, dim=0)
 
 
 class GLULayer(nn.Module):
@@ -185,9 +226,19 @@ class GLULayer(nn.Module):
         self.fc = fc
         self.bn = GhostBatchNorm(2 * out_dim, virtual_batch_size, momentum)
 
-    def forward(self, x: Tensor, projected: bool = False) -> Tensor:
-        """GLU of the normalised projection (``projected``: ``x`` is already ``fc(x)``)."""
-        return F.glu(self.bn(x if projected else self.fc(x)), dim=-1)
+    def forward(
+        self, x: Tensor, projected: bool = False, keep: tuple[int, int] | None = None
+    ) -> Tensor:
+        """GLU of the normalised projection (``projected``: ``x`` is already ``fc(x)``).
+
+        ``keep = (lo, hi)``: only the output columns ``lo:hi`` are computed (the others are not
+        used by the caller), each exactly as in the whole layer's output.
+        """
+        if keep is None:
+            return F.glu(self.bn(x if projected else self.fc(x)), dim=-1)
+        rows = glu_rows(self.out_dim, keep).to(x.device)
+        h = x.index_select(1, rows) if projected else RowsLinear.apply(x, self.fc.weight, rows)
+        return F.glu(self.bn(h, rows), dim=-1)
 
 
 class GLUBlock(nn.Module):
@@ -216,18 +267,24 @@ class GLUBlock(nn.Module):
             for i in range(n_glu)
         )
 
-    def forward(self, x: Tensor, projected: bool = False) -> Tensor:
+    def forward(
+        self, x: Tensor, projected: bool = False, keep: tuple[int, int] | None = None
+    ) -> Tensor:
         """Apply the layers; residual ``(x + glu(x)) * sqrt(0.5)`` after a first layer.
 
         ``projected`` (only for a ``first`` block): ``x`` is the first layer's ``fc(x)``.
+        ``keep = (lo, hi)``: the last layer computes only the output columns ``lo:hi``.
         """
-        layers = iter(self.layers)
-        if self.first:
-            x = next(layers)(x, projected)
-        elif projected:
+        if projected and not self.first:
             raise ValueError("only a first GLU block takes a projected input")
-        for layer in layers:
-            x = torch.add(x, layer(x)).mul_(SQRT_HALF)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            k = keep if i == last else None
+            if i == 0 and self.first:
+                x = layer(x, projected, k)
+            else:
+                res = x if k is None else x[:, k[0] : k[1]]
+                x = torch.add(res, layer(x, keep=k)).mul_(SQRT_HALF)
         return x
 
 
@@ -258,6 +315,15 @@ class FeatureTransformer(nn.Module):
         )
 
     @property
+    def last_layer(self) -> GLULayer:
+        """The GLU layer that makes the transformer's output."""
+        block = self.specific if self.specific is not None else self.shared
+        assert block is not None
+        layer = block.layers[-1]
+        assert isinstance(layer, GLULayer)
+        return layer
+
+    @property
     def first_fc(self) -> nn.Linear:
         """The Linear layer that sees the transformer's input."""
         block = self.shared if self.shared is not None else self.specific
@@ -266,13 +332,18 @@ class FeatureTransformer(nn.Module):
         assert isinstance(fc, nn.Linear)
         return fc
 
-    def forward(self, x: Tensor, projected: bool = False) -> Tensor:
-        """Shared block, then the specific block (``projected``: ``x`` is ``first_fc(x)``)."""
+    def forward(
+        self, x: Tensor, projected: bool = False, keep: tuple[int, int] | None = None
+    ) -> Tensor:
+        """Shared block, then the specific block (``projected``: ``x`` is ``first_fc(x)``).
+
+        ``keep = (lo, hi)``: only the output columns ``lo:hi`` (the last layer skips the rest).
+        """
         if self.shared is not None:
-            x = self.shared(x, projected)
+            x = self.shared(x, projected, keep if self.specific is None else None)
             projected = False
         if self.specific is not None:
-            x = self.specific(x, projected)
+            x = self.specific(x, projected, keep)
         return x
 
 
@@ -281,8 +352,10 @@ class AttentiveTransformer(nn.Module):
 
     Returns the mask in compact form ``(p, idx, entropy)`` (see
     :func:`celltype_bench.methods.entmax.entmax15_sparse`). The buffer ``k_hint`` remembers
-    how many entries to partial-sort next time (from the largest support seen last); it only
-    affects speed, never the mask.
+    how many entries to partial-sort next time, from the largest support of the last training
+    batch (evaluation passes, whose masks are sparser, leave it alone: a hint set by the
+    validation pass was too small for the next training batch); it only affects speed, never
+    the mask.
     """
 
     def __init__(
@@ -306,7 +379,7 @@ class AttentiveTransformer(nn.Module):
             z = z * prior
         hint = int(self.k_hint)
         p, idx, entropy, support = entmax15_sparse(z, hint or None)
-        if support.numel():
+        if support.numel() and self.training:
             want = -(-(int(support.max()) * 5 // 4 + 8) // 8) * 8
             self.k_hint.fill_(want if 2 * want < self.n_features else 0)
         return p, idx, entropy
@@ -379,19 +452,44 @@ class TabNet(nn.Module):
             sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
         )
 
-    def _step_input(self, ft: FeatureTransformer, x: Tensor, p: Tensor, idx: Tensor) -> Tensor:
+    def skipped_channels(self) -> dict[str, Tensor]:
+        """Batch norms whose channels are not computed, by module name: the channels (feature
+        indices) of the outputs no later layer uses (the splitter's decision part, the last
+        step's attention part). Their running statistics keep their initial values."""
+        width = self.n_d + self.n_a
+        out: dict[str, Tensor] = {}
+        names = {id(m): n for n, m in self.named_modules()}
+        for ft, keep in (
+            (self.initial_splitter, (self.n_d, width)),
+            (self.feat_transformers[-1], (0, self.n_d)),
+        ):
+            bn = ft.last_layer.bn
+            computed = torch.zeros(bn.num_features, dtype=torch.bool)
+            computed[glu_rows(width, keep)] = True
+            out[names[id(bn)]] = (~computed).nonzero().flatten()
+        return out
+
+    def _step_input(
+        self,
+        ft: FeatureTransformer,
+        x: Tensor,
+        p: Tensor,
+        idx: Tensor,
+        keep: tuple[int, int] | None = None,
+    ) -> Tensor:
         """The step's feature transformer applied to the masked normalised input ``M * x``."""
         if p.shape[1] * self.sparse_input_ratio <= self.n_features:
             proj = masked_linear(p * x.gather(1, idx), idx, ft.first_fc.weight)
-            return ft(proj, projected=True)
-        return ft(to_dense(p, idx, self.n_features) * x)
+            return ft(proj, projected=True, keep=keep)
+        return ft(to_dense(p, idx, self.n_features) * x, keep=keep)
 
     def _run(self, x: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]], Tensor]:
         """Logits, compact step masks and the sparsity loss."""
         if self.training and x.shape[0] < 2:
             raise ValueError("TabNet needs at least 2 cells per training batch")
         x = self.initial_bn(x)
-        att = self.initial_splitter(x)[:, self.n_d :]
+        width = self.n_d + self.n_a
+        att = self.initial_splitter(x, keep=(self.n_d, width))  # its decision part is unused
         prior: Tensor | None = None
         decision: Tensor | None = None
         masks: list[tuple[Tensor, Tensor]] = []
@@ -403,7 +501,9 @@ class TabNet(nn.Module):
             if step + 1 < self.n_steps:
                 m = to_dense(p, idx, self.n_features)
                 prior = (self.relaxation - m) if prior is None else prior * (self.relaxation - m)
-            out = self._step_input(self.feat_transformers[step], x, p, idx)
+            last = step + 1 == self.n_steps  # the last step's attention part is unused
+            keep = (0, self.n_d) if last else None
+            out = self._step_input(self.feat_transformers[step], x, p, idx, keep)
             d = F.relu(out[:, : self.n_d])
             decision = d if decision is None else decision + d
             att = out[:, self.n_d :]
