@@ -146,6 +146,21 @@ def test_entmax15_partial_sort_hint_is_exact_bitwise():
         assert torch.equal(entmax15(z, k=k), full)
 
 
+def test_entmax15_exact_ties_are_in_feature_order_whatever_the_hint():
+    from celltype_bench.methods.entmax import entmax15_sparse
+
+    torch.manual_seed(3)
+    z = torch.randn(64, 300) * 3
+    z[:, 7] = z[:, 250] = z[:, 120] = z.max(dim=1).values - 0.01  # a three-way tie, selected
+    results = [entmax15_sparse(z, k) for k in (None, 8, 16, 64)]
+    for p, idx, _, _ in results:
+        tied = (p[:, :-1] == p[:, 1:]) & (p[:, 1:] > 0)
+        first = idx[:, :-1][tied]
+        assert tied.any() and (first < idx[:, 1:][tied]).all()  # equal values by feature
+        assert torch.equal(p, results[0][0])
+        assert torch.equal(idx[p > 0], results[0][1][results[0][0] > 0])
+
+
 def test_entmax15_too_small_hint_retries_a_longer_prefix_not_a_full_sort(monkeypatch):
     import celltype_bench.methods.entmax as entmax_module
 
