@@ -26,7 +26,9 @@ The fits of every arm before that change ran with the folded normalisation; reco
 since carry the commit they ran at (``commit``), and :func:`version` names the network a
 commit computes: ``torchbn`` (the commits in ``TORCHBN_COMMITS`` and the ``torchbn`` arm),
 ``inputnorm`` and ``sparse`` (``OTHER_COMMITS``: cheaper backwards, measured and not kept)
-and ``current`` (any later commit; since e969b52 it computes as ``torchbn`` again).
+and ``current`` (any later commit; since e969b52 it computes as ``torchbn`` again, and
+since 2379e57 also skips unused outputs and puts exact attention ties in feature order:
+bitwise ``torchbn``'s except where a tie among the selected features was ordered otherwise).
 - ``exactw``: ``inputnorm``'s backward with the first Linear's weight gradient rounded as
   autograd rounds it (:func:`_patch_exactw`).
 
