@@ -20,3 +20,11 @@ def all_targets():
 
 def dataset_of(wildcards):
     return f"data/processed/{BENCH.tasks[wildcards.task]['dataset']}.h5ad"
+
+
+def fetch_inputs(wildcards):
+    """A combined dataset (source kind 'combine') is built from its parts' raw files."""
+    source = BENCH.datasets[wildcards.dataset]["source"]
+    if source.get("kind") == "combine":
+        return [f"data/raw/{part}.h5ad" for part in source.get("parts", [])]
+    return []

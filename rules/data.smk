@@ -1,11 +1,3 @@
-def fetch_inputs(wildcards):
-    """A combined dataset (source kind 'combine') is built from its parts' raw files."""
-    source = BENCH.datasets[wildcards.dataset]["source"]
-    if source.get("kind") == "combine":
-        return [f"data/raw/{part}.h5ad" for part in source.get("parts", [])]
-    return []
-
-
 # Downloads run where snakemake runs (a cluster's login node has internet; compute nodes often not).
 localrules:
     fetch,
