@@ -11,7 +11,7 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 def test_snakemake_lint_is_clean():
     res = subprocess.run(
-        [SNAKEMAKE, "--lint", "--directory", str(ROOT)],
+        [SNAKEMAKE, "--lint"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -839,7 +839,9 @@ class _ScPretrainRepresentation(_Pretraining, Method):
         return out
 
     def _make_classifier(self) -> Any:
-        raise NotImplementedError
+        """The unfitted scikit-learn classifier for the embedding; each concrete variant
+        (``ScPretrainLR``, ``ScPretrainRF``, ``ScPretrainSVM``) supplies its own."""
+        raise NotImplementedError(f"{type(self).__name__} must define _make_classifier")
 
     def _fit_classifier(self, E: np.ndarray, y: np.ndarray) -> Any:
         """Fit a fresh classifier (OpenMP threads capped at torch's thread count).
